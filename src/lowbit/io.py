@@ -1,0 +1,210 @@
+"""Packed low-bit checkpoints: ``save`` and ``load``.
+
+A lowbit checkpoint is one safetensors file. Each quantized weight is stored as its integer codes
+packed densely at the format's bit width (``lowbit.pack``: two 4-bit codes per byte, 3-bit codes
+as a bit stream, …) plus its scales and zero-points; everything else (biases, norms, layers kept
+in FP, activation ranges) is stored as is. The JSON metadata holds the plan, each quantized layer's
+spec, shape and bit width, a signature of the float architecture (to refuse the wrong model) and a
+SHA-256 over metadata and tensors (to refuse truncated or tampered files). No pickle anywhere.
+
+``load`` swaps empty stored-form layers into the float model (ideally built on the meta device,
+so no fp32 weight is ever allocated) and assigns the tensors, giving bit-identical outputs.
+Writes are atomic: temp file in the same directory, fsync, rename, fsync of the directory.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from dataclasses import asdict
+from pathlib import Path
+
+import safetensors
+import safetensors.torch
+import torch
+from torch import nn
+
+from .errors import CheckpointError, LowbitError
+from .formats import parse_optional
+from .nn import QuantAttnProcessor, QuantModule, QuantWeightLayer, apply_specs, quant_layers
+from .pack import pack, unpack
+from .plan import LayerSpec, Plan
+from .quantizer import Quantizer
+
+FORMAT_VERSION = "1"
+_PACKED = ".weight_codes.packed"
+
+
+def fp_signature(model: nn.Module) -> dict[str, list[int]]:
+    """Key → shape of the *float* model's state dict, also when ``model`` is quantized: quantizer
+    state is skipped and stored codes count as the weight they replace."""
+    skip = tuple(f"{n}." for n, m in model.named_modules() if isinstance(m, (Quantizer, QuantAttnProcessor)))
+    sig = {}
+    for k, v in model.state_dict().items():
+        if skip and k.startswith(skip):
+            continue
+        sig[k.removesuffix("_codes") if k.endswith(".weight_codes") else k] = list(v.shape)
+    return sig
+
+
+def _digest(meta: dict[str, str], tensors: dict[str, torch.Tensor]) -> str:
+    h = hashlib.sha256(json.dumps({k: v for k, v in meta.items() if k != "checksum"}, sort_keys=True).encode())
+    for k in sorted(tensors):
+        t = tensors[k].contiguous()
+        h.update(f"{k}|{t.dtype}|{list(t.shape)}|".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+def atomic_write(path: "str | Path", data: bytes) -> None:
+    """Write ``data`` to ``path`` so that a crash leaves either the old file or the new one."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    dfd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dfd)
+    finally:
+        os.close(dfd)
+
+
+def _layer_meta(layer: QuantModule) -> dict:
+    d = {"type": type(layer).__name__, "spec": asdict(layer.spec)}
+    if isinstance(layer, QuantWeightLayer):
+        fmt = parse_optional(layer.spec.weight)
+        d.update(weight_shape=list(layer.weight_shape), bits=fmt.bits if fmt else None,
+                 weight_sqnr_db=layer.weight_sqnr_db, bias=layer.bias is not None)
+    return d
+
+
+def save(model: nn.Module, path: "str | Path", *, metadata: dict[str, str] | None = None) -> Path:
+    """Write a quantized model (simulated or stored form) as a packed safetensors checkpoint.
+
+    ``metadata`` adds string entries (stored under ``user.<key>``). Returns the path.
+    """
+    layers = quant_layers(model)
+    if not layers:
+        raise CheckpointError("this model has no quantized layers: run lowbit.quantize(model, recipe) before saving")
+    tensors: dict[str, torch.Tensor] = {}
+    for k, v in model.state_dict().items():
+        tensors[k] = v.detach()
+    for name, layer in layers:
+        if isinstance(layer, QuantWeightLayer) and layer.weight_quant.enabled:
+            tensors.pop(f"{name}.weight", None)
+            tensors.pop(f"{name}.weight_codes", None)
+            tensors[name + _PACKED] = pack(layer.weight_codes_now().cpu(), layer.weight_quant.fmt.bits)
+    seen: set[int] = set()
+    for k, v in tensors.items():  # safetensors refuses shared storage (tied weights): copy those
+        v = v.cpu().contiguous()
+        ptr = v.untyped_storage().data_ptr()
+        tensors[k] = v.clone() if ptr in seen and v.numel() else v
+        seen.add(ptr)
+    plan = getattr(model, "lowbit_plan", None)
+    meta = {
+        "lowbit_format": FORMAT_VERSION,
+        "plan": plan.to_json() if isinstance(plan, Plan) else "null",
+        "layers": json.dumps({n: _layer_meta(m) for n, m in layers}),
+        "arch": json.dumps(fp_signature(model)),
+    }
+    meta.update({f"user.{k}": str(v) for k, v in (metadata or {}).items()})
+    meta["checksum"] = _digest(meta, tensors)
+    atomic_write(path, safetensors.torch.save(tensors, metadata=meta))
+    return Path(path)
+
+
+def read_checkpoint(path: "str | Path") -> tuple[dict[str, str], dict[str, torch.Tensor]]:
+    """Metadata and tensors of a lowbit checkpoint, integrity-checked (no model needed)."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"no checkpoint at {path}: check the path (lowbit.save writes .safetensors files)")
+    try:
+        with safetensors.safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except LowbitError:
+        raise
+    except Exception as e:  # safetensors raises its own error types for damaged headers/offsets
+        raise CheckpointError(
+            f"{path} is truncated or not a safetensors file ({str(e).splitlines()[0][:120]}); re-save it with lowbit.save"
+        ) from None
+    if "lowbit_format" not in meta:
+        raise CheckpointError(f"{path} is not a lowbit checkpoint (no lowbit metadata); quantize and save it with lowbit first")
+    if meta["lowbit_format"] != FORMAT_VERSION:
+        raise CheckpointError(f"{path} has checkpoint format {meta['lowbit_format']!r}; this lowbit reads {FORMAT_VERSION!r}")
+    if meta.get("checksum") != _digest(meta, tensors):
+        raise CheckpointError(
+            f"{path} was modified or corrupted after saving (checksum mismatch); re-save it from the source model"
+        )
+    return meta, tensors
+
+
+def _json(meta: dict[str, str], key: str):
+    try:
+        return json.loads(meta[key])
+    except (KeyError, json.JSONDecodeError):
+        raise CheckpointError(f"checkpoint metadata entry {key!r} is missing or damaged; re-save the checkpoint") from None
+
+
+def _check_arch(expected: dict, model: nn.Module) -> None:
+    got = fp_signature(model)
+    for k, shape in expected.items():
+        if k not in got:
+            raise CheckpointError(f"checkpoint does not fit this model: it has {k!r}, which the model lacks;"
+                                  " pass the architecture the checkpoint was quantized from")
+        if list(got[k]) != list(shape):
+            raise CheckpointError(f"checkpoint does not fit this model: {k!r} has shape {shape} in the checkpoint but"
+                                  f" {got[k]} in the model; pass the architecture it was quantized from")
+    extra = sorted(set(got) - set(expected))
+    if extra:
+        raise CheckpointError(f"checkpoint does not fit this model: the model has {extra[0]!r}, which the checkpoint"
+                              " lacks; pass the architecture it was quantized from")
+
+
+def load(path: "str | Path", model: nn.Module) -> nn.Module:
+    """Load a lowbit checkpoint into ``model``, the *float* architecture it was quantized from.
+
+    Build the model under ``torch.device("meta")`` to avoid allocating any fp32 weight; every
+    tensor is then assigned from the file. Returns the quantized model (stored form, eval mode).
+    """
+    meta, tensors = read_checkpoint(path)
+    layers = _json(meta, "layers")
+    if quant_layers(model):
+        raise CheckpointError("load into the float model the checkpoint was made from, not an already quantized one")
+    _check_arch(_json(meta, "arch"), model)
+    try:
+        specs = {n: LayerSpec(**d["spec"]) for n, d in layers.items()}
+    except (TypeError, KeyError, LowbitError) as e:
+        raise CheckpointError(f"checkpoint layer specs are damaged ({e}); re-save the checkpoint") from None
+    apply_specs(model, specs, stored=True)
+    state = {}
+    for k, v in tensors.items():
+        if k.endswith(_PACKED):
+            name = k[: -len(_PACKED)]
+            d = layers.get(name, {})
+            if d.get("bits") is None:
+                raise CheckpointError(f"packed codes for {name!r} have no bit width in the metadata; re-save the checkpoint")
+            shape = d["weight_shape"]
+            state[f"{name}.weight_codes"] = unpack(v, d["bits"], int(torch.Size(shape).numel())).reshape(shape)
+        else:
+            state[k] = v
+    try:
+        model.load_state_dict(state, strict=True, assign=True)
+    except RuntimeError as e:
+        raise CheckpointError(f"checkpoint tensors do not fit the model ({str(e).splitlines()[0][:160]})") from None
+    for n, m in quant_layers(model):
+        if isinstance(m, QuantWeightLayer):
+            m.weight_sqnr_db = layers.get(n, {}).get("weight_sqnr_db")
+    plan = _json(meta, "plan")
+    model.lowbit_plan = Plan.from_dict(plan) if plan else None
+    return model.eval()

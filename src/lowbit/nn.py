@@ -1,0 +1,262 @@
+"""Quantized layers and the module swap that installs them.
+
+* :class:`QuantLinear`, :class:`QuantConv2d` — a weight quantizer and an input-activation
+  quantizer around ``F.linear`` / ``F.conv2d`` (any stride, padding, dilation, groups, padding
+  mode). Simulated form keeps the float ``weight`` parameter and fake-quantizes it; stored form
+  (after :meth:`QuantWeightLayer.freeze`) keeps only uint8 ``weight_codes`` plus scales.
+* :class:`QuantAttnProcessor` — a diffusers attention processor that quantizes the operands of
+  the two attention matmuls (Q·Kᵀ and softmax·V), following diffusers' ``AttnProcessor`` math.
+* :func:`apply_specs` — swaps modules by name; works on any ``nn.Module``.
+
+Compute here is emulated (dequantize, then float matmul/conv); the integer kernels live in
+``lowbit.kernels`` and report their own path.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .calibration import weight_range
+from .errors import PlanError
+from .formats import parse_optional
+from .plan import LayerSpec
+from .quantizer import Quantizer
+
+
+def sqnr_db(ref: torch.Tensor, approx: torch.Tensor) -> float:
+    """Signal-to-quantization-noise ratio 20·log10(‖ref‖ / ‖ref − approx‖) in dB (inf if exact)."""
+    noise = (ref.double() - approx.double()).norm().item()
+    signal = ref.double().norm().item()
+    return math.inf if noise == 0 else 20 * math.log10(max(signal, 1e-300) / noise)
+
+
+class QuantModule(nn.Module):
+    """Base of every lowbit quantized module."""
+
+    spec: LayerSpec
+    compute_path = "emulated"
+
+    def activation_quantizers(self) -> list[tuple[str, Quantizer]]:
+        """(relative name, quantizer) of each activation quantizer of this module."""
+        return [(n, m) for n, m in self.named_children() if isinstance(m, Quantizer) and n != "weight_quant"]
+
+
+def _act_quantizer(spec: LayerSpec, device) -> Quantizer:
+    q = Quantizer(parse_optional(spec.act), spec.act_granularity, device=device)
+    q.observer_kind = spec.act_observer
+    return q
+
+
+class QuantWeightLayer(QuantModule):
+    """Shared machinery of quantized Linear and Conv2d."""
+
+    def __init__(self, weight_shape: tuple[int, ...], has_bias: bool, spec: LayerSpec, *,
+                 stored: bool = False, device=None) -> None:
+        super().__init__()
+        self.spec = spec
+        self.weight_shape = tuple(weight_shape)
+        wfmt = parse_optional(spec.weight)
+        self.weight_quant = Quantizer(wfmt, spec.weight_granularity if wfmt else "tensor",
+                                      shape=self.weight_shape, device=device)
+        self.input_quant = _act_quantizer(spec, device)
+        if stored and wfmt is not None:
+            self.register_buffer("weight_codes", torch.empty(self.weight_shape, dtype=torch.uint8, device=device))
+        else:
+            self.weight = nn.Parameter(torch.empty(self.weight_shape, device=device))
+        self.bias = nn.Parameter(torch.empty(self.weight_shape[0], device=device)) if has_bias else None
+        self.weight_sqnr_db: float | None = None
+
+    @property
+    def stored(self) -> bool:
+        """True in stored form (codes only, no float weight)."""
+        return "weight_codes" in self._buffers
+
+    def _adopt(self, module: nn.Module) -> None:
+        """Take over a float layer's parameters (no copy) and set the weight range from them."""
+        self.weight = module.weight
+        self.bias = module.bias
+        if self.weight_quant.enabled:
+            lo, hi = weight_range(self.weight, self.weight_quant, self.spec.weight_observer)
+            self.weight_quant.set_range(lo, hi)
+            with torch.no_grad():
+                self.weight_sqnr_db = sqnr_db(self.weight, self.weight_quant(self.weight))
+
+    def qweight(self) -> torch.Tensor:
+        """The weight as the layer computes with it (dequantized codes or fake-quantized)."""
+        if not self.weight_quant.enabled:
+            return self.weight
+        if self.stored:
+            return self.weight_quant.decode(self.weight_codes)
+        return self.weight_quant(self.weight)
+
+    @torch.no_grad()
+    def weight_codes_now(self) -> torch.Tensor:
+        """uint8 codes of the weight (computed from the float weight in simulated form)."""
+        return self.weight_codes if self.stored else self.weight_quant.encode(self.weight)
+
+    @torch.no_grad()
+    def freeze(self) -> None:
+        """Convert to stored form: keep codes and scales, drop the float weight."""
+        if self.stored or not self.weight_quant.enabled:
+            return
+        self.weight_sqnr_db = sqnr_db(self.weight, self.weight_quant(self.weight))
+        codes = self.weight_quant.encode(self.weight)
+        del self.weight
+        self.register_buffer("weight_codes", codes)
+
+
+class QuantLinear(QuantWeightLayer):
+    """``nn.Linear`` with quantized weight and input."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool, spec: LayerSpec, **kw) -> None:
+        super().__init__((out_features, in_features), bias, spec, **kw)
+        self.in_features, self.out_features = in_features, out_features
+
+    @classmethod
+    def from_float(cls, m: nn.Linear, spec: LayerSpec, stored: bool = False) -> "QuantLinear":
+        q = cls(m.in_features, m.out_features, m.bias is not None, spec, stored=stored, device=m.weight.device)
+        if not stored:
+            q._adopt(m)
+        return q
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(self.input_quant(x), self.qweight(), self.bias)
+
+    def extra_repr(self) -> str:
+        return f"{self.in_features}, {self.out_features}, {self.spec.describe()}"
+
+
+class QuantConv2d(QuantWeightLayer):
+    """``nn.Conv2d`` with quantized weight and input (input quantized before padding, so zero
+    padding is exactly the zero code, as an integer kernel would see it)."""
+
+    _HYPER = ("in_channels", "out_channels", "kernel_size", "stride", "padding", "dilation", "groups",
+              "padding_mode", "_reversed_padding_repeated_twice")
+
+    def __init__(self, conv: nn.Conv2d, spec: LayerSpec, stored: bool = False) -> None:
+        super().__init__(tuple(conv.weight.shape), conv.bias is not None, spec, stored=stored,
+                         device=conv.weight.device)
+        for k in self._HYPER:
+            setattr(self, k, getattr(conv, k))
+
+    @classmethod
+    def from_float(cls, m: nn.Conv2d, spec: LayerSpec, stored: bool = False) -> "QuantConv2d":
+        q = cls(m, spec, stored=stored)
+        if not stored:
+            q._adopt(m)
+        return q
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.input_quant(x)
+        if self.padding_mode != "zeros":
+            x = F.pad(x, self._reversed_padding_repeated_twice, mode=self.padding_mode)
+            return F.conv2d(x, self.qweight(), self.bias, self.stride, 0, self.dilation, self.groups)
+        return F.conv2d(x, self.qweight(), self.bias, self.stride, self.padding, self.dilation, self.groups)
+
+    def extra_repr(self) -> str:
+        return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride},"
+                f" groups={self.groups}, {self.spec.describe()}")
+
+
+class QuantAttnProcessor(QuantModule):
+    """diffusers attention processor with quantized matmul operands: Q and K before Q·Kᵀ, the
+    softmax probabilities and V before probs·V (per-tensor, the layer spec's activation format).
+    The projections (to_q/to_k/to_v/to_out) are ordinary Linear layers, quantized by their own
+    plan entries."""
+
+    def __init__(self, spec: LayerSpec, device=None) -> None:
+        super().__init__()
+        self.spec = spec
+        for n in ("q_quant", "k_quant", "p_quant", "v_quant"):
+            setattr(self, n, _act_quantizer(spec, device))
+
+    # diffusers inspects the processor's __call__ signature to decide which kwargs to pass;
+    # nn.Module.__call__ is (*args, **kwargs), so spell the signature out.
+    def __call__(self, attn: nn.Module, hidden_states: torch.Tensor, encoder_hidden_states=None,
+                 attention_mask=None, temb=None, *args, **kwargs) -> torch.Tensor:
+        return super().__call__(attn, hidden_states, encoder_hidden_states, attention_mask, temb)
+
+    def forward(self, attn: nn.Module, hidden_states: torch.Tensor, encoder_hidden_states=None,
+                attention_mask=None, temb=None) -> torch.Tensor:
+        residual = hidden_states
+        if attn.spatial_norm is not None:
+            hidden_states = attn.spatial_norm(hidden_states, temb)
+        input_ndim = hidden_states.ndim
+        if input_ndim == 4:
+            b, c, h, w = hidden_states.shape
+            hidden_states = hidden_states.view(b, c, h * w).transpose(1, 2)
+        batch, seq, _ = (hidden_states if encoder_hidden_states is None else encoder_hidden_states).shape
+        attention_mask = attn.prepare_attention_mask(attention_mask, seq, batch)
+        if attn.group_norm is not None:
+            hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
+        query = attn.to_q(hidden_states)
+        if encoder_hidden_states is None:
+            encoder_hidden_states = hidden_states
+        elif attn.norm_cross:
+            encoder_hidden_states = attn.norm_encoder_hidden_states(encoder_hidden_states)
+        key = attn.to_k(encoder_hidden_states)
+        value = attn.to_v(encoder_hidden_states)
+        query = self.q_quant(attn.head_to_batch_dim(query))
+        key = self.k_quant(attn.head_to_batch_dim(key))
+        value = self.v_quant(attn.head_to_batch_dim(value))
+        probs = self.p_quant(attn.get_attention_scores(query, key, attention_mask))
+        hidden_states = attn.batch_to_head_dim(torch.bmm(probs, value))
+        hidden_states = attn.to_out[1](attn.to_out[0](hidden_states))
+        if input_ndim == 4:
+            hidden_states = hidden_states.transpose(-1, -2).reshape(b, c, h, w)
+        if attn.residual_connection:
+            hidden_states = hidden_states + residual
+        return hidden_states / attn.rescale_output_factor
+
+
+def _device(mod: nn.Module) -> torch.device:
+    for t in list(mod.parameters()) + list(mod.buffers()):
+        return t.device
+    return torch.device("cpu")
+
+
+def apply_specs(model: nn.Module, specs: dict[str, LayerSpec], *, stored: bool = False) -> nn.Module:
+    """Swap each named module for its quantized counterpart (in place); returns the model.
+
+    ``stored=True`` builds empty stored-form layers (codes, no float weights) for loading a
+    checkpoint; otherwise the layers adopt the float weights and set their weight ranges.
+    """
+    modules = dict(model.named_modules())
+    for name, spec in specs.items():
+        mod = modules.get(name)
+        if mod is None:
+            raise PlanError(f"the plan names layer {name!r}, which this model does not have")
+        if isinstance(mod, QuantModule):
+            continue
+        if hasattr(mod, "get_attention_scores") and hasattr(mod, "set_processor"):
+            if parse_optional(spec.act) is not None:
+                proc = QuantAttnProcessor(spec, device=_device(mod))
+                mod.set_processor(proc)
+                for n, q in proc.activation_quantizers():
+                    q.label = f"{name}.processor.{n}"
+            continue
+        if isinstance(mod, nn.Conv2d):
+            new = QuantConv2d.from_float(mod, spec, stored=stored)
+        elif isinstance(mod, nn.Linear):
+            new = QuantLinear.from_float(mod, spec, stored=stored)
+        else:
+            raise PlanError(f"layer {name!r} is a {type(mod).__name__}; lowbit quantizes Linear, Conv2d and attention")
+        new.input_quant.label = f"{name}.input_quant"
+        new.weight_quant.label = f"{name}.weight_quant"
+        if name:
+            parent_name, _, child = name.rpartition(".")
+            setattr(modules[parent_name] if parent_name else model, child, new)
+        else:
+            raise PlanError("the model itself is a single layer; wrap it in an nn.Sequential to quantize it")
+    return model
+
+
+def quant_layers(model: nn.Module) -> list[tuple[str, QuantModule]]:
+    """All lowbit quantized modules in ``model`` with their plan names; an attention processor
+    is named after its attention module (the name a plan rule matches)."""
+    return [(n.removesuffix(".processor") if isinstance(m, QuantAttnProcessor) else n, m)
+            for n, m in model.named_modules() if isinstance(m, QuantModule)]

@@ -1,0 +1,197 @@
+"""Plans: which layer gets which number format, as data with a JSON round trip.
+
+A :class:`LayerSpec` says how one layer is quantized (weight format and granularity, input
+activation format, observers). A :class:`Plan` is an ordered list of :class:`Rule` s — a regex on
+the module name (``re.fullmatch``), optional type names, and a spec (or ``None``: keep in FP);
+the first matching rule wins and unmatched modules stay in FP. Named recipes (``w8a8``,
+``w4a8``, …) expand to plans; the integer-program allocators of later methods emit plans too.
+
+Diffusion defaults (Q-Diffusion, EfficientDM, ModelOpt's exclusion list): the time embedding,
+``conv_in``, ``conv_out`` and the output norm stay in FP because they are small and their error
+spreads to every later layer and timestep; norms are never quantized. ``exclude_defaults=False``
+overrides that.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import asdict, dataclass, field
+
+from torch import nn
+
+from .calibration import _check_observer
+from .errors import LowbitError, PlanError
+from .formats import parse_optional
+from .quantizer import Granularity
+
+DEFAULT_EXCLUDE = (
+    r"(.*\.)?(time_embedding|time_emb_proj|time_proj|conv_in|conv_out|add_embedding|class_embedding|norm_out)(\..*)?"
+)
+QUANTIZABLE_TYPES = ("Linear", "Conv2d", "Attention")
+
+
+@dataclass(frozen=True)
+class LayerSpec:
+    """How one layer is quantized. ``None`` formats (or ``"fp32"``) keep that tensor in float."""
+
+    weight: str | None = None
+    act: str | None = None
+    weight_granularity: str = "channel"
+    act_granularity: str = "tensor"
+    weight_observer: str = "minmax"
+    act_observer: str = "minmax"
+
+    def __post_init__(self) -> None:
+        try:
+            parse_optional(self.weight)
+            parse_optional(self.act)
+            Granularity.parse(self.weight_granularity)
+            if Granularity.parse(self.act_granularity).kind != "tensor":
+                raise PlanError(
+                    f"activation granularity {self.act_granularity!r} is not supported: activations use static"
+                    " per-tensor scales ('tensor')"
+                )
+            _check_observer(self.weight_observer)
+            _check_observer(self.act_observer)
+        except PlanError:
+            raise
+        except LowbitError as e:
+            raise PlanError(f"invalid layer spec: {e}") from None
+
+    @property
+    def keeps_fp(self) -> bool:
+        """True when neither weights nor activations are quantized."""
+        return parse_optional(self.weight) is None and parse_optional(self.act) is None
+
+    def describe(self) -> str:
+        w = parse_optional(self.weight)
+        a = parse_optional(self.act)
+        return f"W:{w.name + '/' + Granularity.parse(self.weight_granularity).name if w else 'fp'} A:{a.name if a else 'fp'}"
+
+
+@dataclass(frozen=True)
+class Rule:
+    """Modules whose name fully matches ``pattern`` (and whose class, or a base class, is named
+    in ``types`` when given) get ``spec``; ``spec=None`` keeps them in FP."""
+
+    pattern: str
+    spec: LayerSpec | None
+    types: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        try:
+            re.compile(self.pattern)
+        except re.error as e:
+            raise PlanError(f"rule pattern {self.pattern!r} is not a valid regex ({e}); escape dots as '\\.'") from None
+
+    def matches(self, name: str, module: nn.Module) -> bool:
+        if self.types and not {c.__name__ for c in type(module).__mro__} & set(self.types):
+            return False
+        return re.fullmatch(self.pattern, name) is not None
+
+
+@dataclass
+class Plan:
+    """An ordered list of rules; the first rule that matches a module decides its spec."""
+
+    rules: list[Rule] = field(default_factory=list)
+    name: str = "custom"
+
+    def spec_for(self, name: str, module: nn.Module) -> LayerSpec | None:
+        """The spec for one module, or ``None`` if it stays in FP."""
+        if not is_quantizable(module):
+            return None
+        for rule in self.rules:
+            if rule.matches(name, module):
+                return None if rule.spec is None or rule.spec.keeps_fp else rule.spec
+        return None
+
+    def resolve(self, model: nn.Module) -> dict[str, LayerSpec]:
+        """Every quantizable module of ``model`` that this plan quantizes, by name."""
+        out = {}
+        for name, mod in model.named_modules():
+            spec = self.spec_for(name, mod)
+            if spec is not None:
+                out[name] = spec
+        return out
+
+    # JSON round trip ------------------------------------------------------------------------
+    def to_dict(self) -> dict:
+        return {"name": self.name, "rules": [
+            {"pattern": r.pattern, "types": list(r.types), "spec": asdict(r.spec) if r.spec else None}
+            for r in self.rules]}
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), sort_keys=True)
+
+    @staticmethod
+    def from_dict(d: dict) -> "Plan":
+        try:
+            rules = [Rule(r["pattern"], LayerSpec(**r["spec"]) if r.get("spec") else None, tuple(r.get("types", ())))
+                     for r in d["rules"]]
+            return Plan(rules, d.get("name", "custom"))
+        except (KeyError, TypeError) as e:
+            raise PlanError(f"malformed plan: {e!r}; a plan is {{'name': ..., 'rules': [{{'pattern', 'types', 'spec'}}]}}") from None
+
+    @staticmethod
+    def from_json(text: str) -> "Plan":
+        try:
+            return Plan.from_dict(json.loads(text))
+        except json.JSONDecodeError as e:
+            raise PlanError(f"plan is not valid JSON ({e.msg} at char {e.pos})") from None
+
+    @staticmethod
+    def uniform(spec: LayerSpec, *, include: list[str] | None = None, exclude: list[str] | None = None,
+                types: tuple[str, ...] = QUANTIZABLE_TYPES, exclude_defaults: bool = True,
+                name: str = "custom") -> "Plan":
+        """One spec for every matching layer: ``exclude`` regexes (plus the diffusion defaults)
+        first, then ``include`` regexes (default: everything) restricted to ``types``."""
+        rules = [Rule(p, None) for p in (exclude or [])]
+        if exclude_defaults:
+            rules.append(Rule(DEFAULT_EXCLUDE, None))
+        rules += [Rule(p, spec, tuple(types)) for p in (include or [".*"])]
+        return Plan(rules, name)
+
+
+def is_quantizable(module: nn.Module) -> bool:
+    """Linear, Conv2d, and diffusers attention modules (for their two matmuls)."""
+    return any(c.__name__ in QUANTIZABLE_TYPES for c in type(module).__mro__) and (
+        isinstance(module, (nn.Linear, nn.Conv2d)) or hasattr(module, "get_attention_scores"))
+
+
+# Recipes: name -> (one-line description, spec). Weights per-channel symmetric; activations
+# per-tensor, asymmetric for INT (SiLU outputs are one-sided), symmetric for FP.
+RECIPES: dict[str, tuple[str, LayerSpec]] = {
+    "w8a8": ("INT8 per-channel weights, UINT8 per-tensor activations (incl. attention matmuls)",
+             LayerSpec("int8", "uint8")),
+    "w4a8": ("INT4 per-channel weights (MSE-clipped), UINT8 per-tensor activations",
+             LayerSpec("int4", "uint8", weight_observer="mse")),
+    "w4a16": ("INT4 per-channel weights (MSE-clipped), activations kept in float (weight-only)",
+              LayerSpec("int4", None, weight_observer="mse")),
+    "w4a4": ("INT4 per-channel weights, UINT4 per-tensor activations, both MSE-clipped",
+             LayerSpec("int4", "uint4", weight_observer="mse", act_observer="mse")),
+    "fp8": ("FP8 E4M3 per-channel weights and FP8 E4M3 per-tensor activations",
+            LayerSpec("fp8_e4m3", "fp8_e4m3")),
+    "w4a8-fp": ("FP4 E2M1 per-channel weights (MSE-searched scale), FP8 E4M3 per-tensor activations",
+                LayerSpec("fp4_e2m1", "fp8_e4m3", weight_observer="mse")),
+}
+
+
+def recipe(name: str, **overrides) -> Plan:
+    """The plan for a named recipe; keyword overrides go to :meth:`Plan.uniform`
+    (``include``, ``exclude``, ``exclude_defaults``, ``types``)."""
+    if name not in RECIPES:
+        raise PlanError(f"unknown recipe {name!r}: use one of {', '.join(RECIPES)} or pass a Plan")
+    return Plan.uniform(RECIPES[name][1], name=name, **overrides)
+
+
+def as_plan(plan_or_recipe: "Plan | str | LayerSpec") -> Plan:
+    """Accept a Plan, a recipe name, or a single LayerSpec (applied uniformly)."""
+    if isinstance(plan_or_recipe, Plan):
+        return plan_or_recipe
+    if isinstance(plan_or_recipe, LayerSpec):
+        return Plan.uniform(plan_or_recipe)
+    if isinstance(plan_or_recipe, str):
+        return recipe(plan_or_recipe)
+    raise PlanError(f"expected a Plan, a recipe name or a LayerSpec, got {type(plan_or_recipe).__name__}")
