@@ -36,13 +36,17 @@ def _check_observer(name: str) -> str:
     return name
 
 
-def mse_clip(xg: torch.Tensor, fmt: QFormat, lo: torch.Tensor, hi: torch.Tensor,
-             candidates: int = 40) -> tuple[torch.Tensor, torch.Tensor]:
-    """Shrink [lo, hi] (shape [C, ng]) by the factor in [0.3, 1] that minimises the per-group
+# Shrink factors tried by the MSE search: fine steps near 1 (Gaussian-like weights clip a little),
+# then geometric steps down to 1 % (heavy-tailed activations want their rare outliers clipped hard).
+_ALPHAS = torch.cat([torch.linspace(1.0, 0.3, 36), torch.logspace(-0.55, -2, 12)]).tolist()
+
+
+def mse_clip(xg: torch.Tensor, fmt: QFormat, lo: torch.Tensor, hi: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Shrink [lo, hi] (shape [C, ng]) by the factor in [0.01, 1] that minimises the per-group
     squared error of quantizing ``xg`` ([C, ng, G]); returns the best (lo, hi)."""
     best_err = torch.full(lo.shape, float("inf"))
     best_lo, best_hi = lo.clone(), hi.clone()
-    for alpha in torch.linspace(1.0, 0.3, candidates).tolist():
+    for alpha in _ALPHAS:
         s, z = scale_zero_from_range(fmt, lo * alpha, hi * alpha)
         s, z = s.unsqueeze(-1), z.unsqueeze(-1)
         q = (fmt.round(torch.clamp(xg / s + z, fmt.min_value, fmt.max_value)) - z) * s
@@ -94,9 +98,11 @@ class Observer:
         self.batches += 1
         if self.kind != "minmax":
             # a uniform random subsample per batch keeps memory bounded on big activations
-            idx = torch.randint(x.numel(), (min(x.numel(), _PER_BATCH),), generator=self._gen)
-            self.samples.append(x.cpu()[idx])
-            self._kept += len(idx)
+            x = x.cpu()
+            if x.numel() > _PER_BATCH:
+                x = x[torch.randint(x.numel(), (_PER_BATCH,), generator=self._gen)]
+            self.samples.append(x)
+            self._kept += len(x)
             if self._kept > 2 * _SAMPLE_CAP:
                 allv = torch.cat(self.samples)
                 self.samples = [allv[torch.randperm(len(allv), generator=self._gen)[:_SAMPLE_CAP]]]
@@ -179,7 +185,7 @@ def calibrate(model: nn.Module, data: Iterable[Any] | None = None, *,
         unseen = [name for name, q in quants if q.observer.batches == 0]
         if len(unseen) == len(quants):
             raise CalibrationError("no quantized layer received any input during calibration; check forward_loop/data")
-        for name, q in quants:
+        for _, q in quants:
             if q.observer.batches:
                 lo, hi = q.observer.range(q.fmt)
                 q.set_range(lo, hi)

@@ -74,8 +74,13 @@ class QFormat:
                 raise FormatError("unsigned minifloats are not supported: minifloats always carry a sign bit")
             if self.special not in _SPECIALS:
                 raise FormatError(f"unknown minifloat convention {self.special!r}: use one of {_SPECIALS}")
-            if self.special == "ieee" and self.ebits < 2:
-                raise FormatError("the 'ieee' convention needs >= 2 exponent bits (one exponent is reserved for inf/NaN)")
+            if self.special == "ieee" and (self.ebits < 2 or self.mbits < 1):
+                raise FormatError(
+                    "the 'ieee' convention needs >= 2 exponent bits and >= 1 mantissa bit (the top exponent holds"
+                    " inf with mantissa 0 and NaN with any other mantissa); use '_fn' or '_none' instead"
+                )
+            if self.max_value <= 0:
+                raise FormatError(f"{self.name} can represent no value but 0; give it more exponent or mantissa bits")
 
     # ----------------------------------------------------------------- constructors and names
     @staticmethod
@@ -130,7 +135,8 @@ class QFormat:
 
     def values(self) -> torch.Tensor:
         """All distinct finite values of the format, ascending (±0 counted once)."""
-        return torch.unique(_finite(decode_table(self)))
+        v = torch.unique(_finite(decode_table(self)))
+        return torch.where(v == 0, torch.zeros_like(v), v)  # one zero, and it is +0
 
     # ----------------------------------------------------------------- rounding and codes
     def round(self, x: torch.Tensor) -> torch.Tensor:

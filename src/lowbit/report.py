@@ -37,16 +37,21 @@ class LayerRow:
     path: str
 
 
+# A per-tensor activation quantizer stores scale + zero-point (fp32 each) + a 1-byte flag.
+_ACT_QUANT_BYTES = 9
+
+
 def _weight_bytes(shape, spec, has_bias: bool) -> tuple[int, int]:
     numel = int(torch.Size(shape).numel())
-    fp32 = 4 * (numel + (shape[0] if has_bias else 0))
+    bias = 4 * shape[0] if has_bias else 0
+    fp32 = 4 * numel + bias
+    act = _ACT_QUANT_BYTES if parse_optional(spec["act"]) else 0
     fmt = parse_optional(spec["weight"])
     if fmt is None:
-        return fp32, fp32
+        return fp32, fp32 + act
     scales = int(torch.Size(Granularity.parse(spec["weight_granularity"]).scale_shape(tuple(shape))).numel())
-    # scale + zero-point per group (fp32 each) + the 0-dim "calibrated" flag
-    stored = packed_nbytes(numel, fmt.bits) + 8 * scales + 1 + 4 * (shape[0] if has_bias else 0)
-    return fp32, stored
+    # packed codes + scale and zero-point per group (fp32 each) + the 1-byte "calibrated" flag
+    return fp32, packed_nbytes(numel, fmt.bits) + 8 * scales + 1 + bias + act
 
 
 def _act_name(spec: dict) -> str:
@@ -57,7 +62,7 @@ def _act_name(spec: dict) -> str:
 def _row_from_meta(name: str, d: dict, path: str) -> LayerRow:
     spec = d["spec"]
     if d["type"] == QuantAttnProcessor.__name__:
-        return LayerRow(name, "attn-matmul", (), "-", _act_name(spec), 0, 0, None, path)
+        return LayerRow(name, "attn-matmul", (), "-", _act_name(spec), 0, 4 * _ACT_QUANT_BYTES, None, path)
     shape = tuple(d["weight_shape"])
     fp32, stored = _weight_bytes(shape, spec, d.get("bias", True))
     w = parse_optional(spec["weight"])
@@ -93,7 +98,7 @@ def report_checkpoint(path: "str | Path") -> list[LayerRow]:
     meta, tensors = read_checkpoint(path)
     layers = json.loads(meta["layers"])
     rows = [_row_from_meta(n, d, "emulated") for n, d in layers.items()]
-    owned = tuple(f"{n}." for n in layers)
+    owned = tuple(f"{n}.processor." if d["type"] == QuantAttnProcessor.__name__ else f"{n}." for n, d in layers.items())
     rest = sum(t.numel() * t.element_size() for k, t in tensors.items() if not k.startswith(owned))
     rows.append(LayerRow("(other: kept in float)", "-", (), "fp32", "-", rest, rest, None, "float"))
     return rows

@@ -1,0 +1,34 @@
+"""Shared fixtures: a tiny diffusers UNet (every quantizable layer type) and seeded inputs."""
+
+import pytest
+import torch
+from diffusers import UNet2DModel
+
+TINY_UNET = dict(
+    sample_size=8, in_channels=1, out_channels=1, layers_per_block=1, block_out_channels=(8, 16),
+    down_block_types=("DownBlock2D", "AttnDownBlock2D"), up_block_types=("AttnUpBlock2D", "UpBlock2D"),
+    norm_num_groups=4, attention_head_dim=8,
+)
+
+
+def make_unet(seed: int = 0, device: str | None = None) -> UNet2DModel:
+    if device == "meta":
+        with torch.device("meta"):
+            return UNet2DModel(**TINY_UNET)
+    torch.manual_seed(seed)
+    return UNet2DModel(**TINY_UNET).eval()
+
+
+def unet_inputs(n: int, batch: int = 4, seed: int = 0) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    g = torch.Generator().manual_seed(seed)
+    return [(torch.randn(batch, 1, 8, 8, generator=g), torch.randint(0, 1000, (batch,), generator=g)) for _ in range(n)]
+
+
+@pytest.fixture
+def unet() -> UNet2DModel:
+    return make_unet()
+
+
+@pytest.fixture
+def calib() -> list[tuple[torch.Tensor, torch.Tensor]]:
+    return unet_inputs(3, seed=1)

@@ -1,0 +1,40 @@
+"""The lowbit command line end to end: real output, one-line errors with exit status 2."""
+
+import pytest
+
+from lowbit.cli import main
+
+
+def test_formats_lists_fp4_values(capsys):
+    assert main(["formats", "fp4_e2m1"]) == 0
+    out = capsys.readouterr().out
+    assert "15 values: -6, -4, -3, -2, -1.5, -1, -0.5, 0, 0.5, 1, 1.5, 2, 3, 4, 6" in out
+
+
+def test_recipes(capsys):
+    assert main(["recipes"]) == 0
+    out = capsys.readouterr().out
+    for name in ("w8a8", "w4a8", "w4a16", "w4a4", "fp8", "w4a8-fp"):
+        assert f"\n{name} " in "\n" + out
+
+
+def test_quantize_then_report(tmp_path, capsys):
+    ckpt = tmp_path / "toy.safetensors"
+    assert main(["quantize", "--model", "toy-unet", "--recipe", "w4a8", "--out", str(ckpt), "--quiet",
+                 "--calib-batches", "2"]) == 0
+    out = capsys.readouterr().out
+    assert ckpt.is_file() and "w4a8" in out and "True" in out  # reload gave identical outputs
+    assert main(["report", str(ckpt)]) == 0
+    out = capsys.readouterr().out
+    assert "int4/channel" in out and "attn-matmul" in out
+
+
+@pytest.mark.parametrize("argv, msg", [
+    (["formats", "fp9_e9m9"], "out of range"),
+    (["formats", "int17"], "out of range"),
+    (["report", "/nonexistent/x.safetensors"], "no checkpoint at"),
+])
+def test_errors_are_one_line(capsys, argv, msg):
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("lowbit: error:") and msg in err and err.count("\n") == 1
