@@ -351,3 +351,25 @@ def test_disabled_quantizer_is_identity():
     q = Quantizer(None)
     x = torch.randn(5)
     assert q(x) is x and not q.enabled
+
+
+# =========================================================================== fast inference paths
+@pytest.mark.parametrize("fmt", ["int8", "uint8", "int4", "uint4", "fp8_e4m3", "fp8_e5m2", "fp4_e2m1"])
+@pytest.mark.parametrize("granularity", ["tensor", "channel", "group16"])
+def test_fast_inference_path_is_bit_identical_to_the_reference(fmt, granularity):
+    """Under no_grad, ints use PyTorch's fused fake-quant kernels and default FP8 a float8 cast;
+    both must equal the reference arithmetic (quant_dequant) bit for bit, ties included."""
+    from lowbit.quantizer import grouped, quant_dequant
+
+    gen = torch.Generator().manual_seed(11)
+    x = torch.randn(32, 64, generator=gen) * 2
+    q = make_quantizer(fmt, granularity, x)
+    s, z = q.scale.detach().unsqueeze(-1), q.zero.unsqueeze(-1)
+    # exact ties for ints: values at half-steps of the grid
+    ties = (torch.randint(-20, 20, (32, 64), generator=gen) + 0.5).reshape(*q.scale_shape, -1) * s
+    for inp in (x, ties.reshape(32, 64)):
+        ref = quant_dequant(grouped(inp, q.scale_shape), s, z, q.fmt).reshape(inp.shape)
+        with torch.no_grad():
+            fast = q(inp)
+        assert torch.equal(fast, ref)
+        assert torch.equal(q(inp.clone().requires_grad_(True)).detach(), ref)  # the STE path too

@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 
 from .errors import CalibrationError, FormatError
 from .formats import QFormat
-from .quantizer import Quantizer, grouped, scale_zero_from_range
+from .quantizer import Quantizer, grouped, quant_dequant, scale_zero_from_range
 
 OBSERVERS = ("minmax", "percentile", "mse")
 _SAMPLE_CAP = 1 << 18  # values kept per quantizer for percentile/MSE (enough for 1e-4 tails)
@@ -48,9 +48,7 @@ def mse_clip(xg: torch.Tensor, fmt: QFormat, lo: torch.Tensor, hi: torch.Tensor)
     best_lo, best_hi = lo.clone(), hi.clone()
     for alpha in _ALPHAS:
         s, z = scale_zero_from_range(fmt, lo * alpha, hi * alpha)
-        s, z = s.unsqueeze(-1), z.unsqueeze(-1)
-        q = (fmt.round(torch.clamp(xg / s + z, fmt.min_value, fmt.max_value)) - z) * s
-        err = (q - xg).pow(2).sum(-1)
+        err = (quant_dequant(xg, s.unsqueeze(-1), z.unsqueeze(-1), fmt) - xg).pow(2).sum(-1)
         better = err < best_err
         best_err = torch.where(better, err, best_err)
         best_lo = torch.where(better, lo * alpha, best_lo)

@@ -1,4 +1,4 @@
-"""The ``lowbit`` command line: formats, recipes, quantize, report, demo.
+"""The ``lowbit`` command line: formats, recipes, quantize, report, demo, evaluate, sample, train.
 
 Every subcommand does real work; user errors (``LowbitError``) print one line and exit with 2.
 """
@@ -87,19 +87,57 @@ def _cmd_report(args: argparse.Namespace) -> None:
 
 
 def _cmd_demo(args: argparse.Namespace) -> None:
-    out_dir = Path(args.out)
-    t0 = time.perf_counter()
-    print(f"lowbit demo: quantizing the built-in {toy.BUILTIN[0]} (random init, "
-          f"{sum(p.numel() for p in toy.build(toy.BUILTIN[0]).parameters()):,} params) with each recipe\n")
-    rows = []
-    for name in args.recipes:
-        rows.append(_quantize_builtin("toy-unet", name, out_dir / f"toy-unet-{name}.safetensors", 8, 0, False))
-    print(f"per-layer report, {rows[1]['recipe'] if len(rows) > 1 else rows[0]['recipe']}:")
-    print(format_report(report(rows[1 if len(rows) > 1 else 0]["model"]), max_rows=args.max_rows))
-    print(f"\nfp32 safetensors: {rows[0]['fp32_bytes']:,} B; output SQNR is vs the float model on held-out inputs")
-    print(_summary(rows))
-    print(f"\ncheckpoints in {out_dir}/ (inspect one with: lowbit report {rows[0]['path']}); "
-          f"wall time {time.perf_counter() - t0:.1f} s")
+    from .demo import run_demo
+
+    run_demo(args.out, tuple(args.recipes), args.protocol, args.samples, args.steps, progress=not args.quiet)
+
+
+def _bundled_with(checkpoint: str | None) -> torch.nn.Module:
+    from .zoo.fmnist_unet import build_fmnist_unet, load_fmnist_unet
+
+    if checkpoint is None:
+        return load_fmnist_unet()
+    with torch.device("meta"):
+        fresh = build_fmnist_unet()
+    return load(checkpoint, fresh)
+
+
+def _cmd_evaluate(args: argparse.Namespace) -> None:
+    from .evaluate.output import markdown_table, write_results
+    from .evaluate.protocol import get_protocol
+    from .evaluate.run import evaluate
+    from .zoo.fmnist_unet import FMNIST_SCHEDULER_CONFIG
+
+    proto = get_protocol(args.protocol).with_(num_samples=args.samples, steps=args.steps, seeds=args.seeds,
+                                              sampler=args.sampler)
+    models = {"fp32": _bundled_with(None)}
+    sizes = {}
+    for ck in args.checkpoints:
+        name = Path(ck).stem
+        models[name] = _bundled_with(ck)
+        sizes[name] = Path(ck).stat().st_size
+    results = evaluate(models, FMNIST_SCHEDULER_CONFIG, proto, sizes=sizes, progress=not args.quiet)
+    files = write_results(results, args.out)
+    print(markdown_table(results))
+    print(f"\nwrote {', '.join(str(p) for p in files.values())}")
+
+
+def _cmd_sample(args: argparse.Namespace) -> None:
+    from .evaluate.output import save_grid
+    from .evaluate.sampling import sample
+    from .zoo.fmnist_unet import FMNIST_SCHEDULER_CONFIG
+
+    model = _bundled_with(args.checkpoint)
+    imgs = sample(model, FMNIST_SCHEDULER_CONFIG, n=args.n, seed=args.seed, sampler=args.sampler, steps=args.steps,
+                  progress=not args.quiet)
+    rows = {f"seed {args.seed} [{i}:{i + args.per_row}]": imgs[i:i + args.per_row] for i in range(0, args.n, args.per_row)}
+    print(f"wrote {save_grid(rows, args.out)}")
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from .train import _main
+
+    return _main(args.args)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -123,11 +161,38 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("checkpoint")
     s.add_argument("--max-rows", type=int, default=None)
     s.set_defaults(fn=_cmd_report)
-    s = sub.add_parser("demo", help="quantize the built-in UNet with several recipes, save, reload, report")
+    s = sub.add_parser("demo", help="quantize the bundled diffusion model (w8a8, w4a8), evaluate it, write a report")
     s.add_argument("--out", default="runs/demo")
-    s.add_argument("--recipes", nargs="+", default=["w8a8", "w4a8", "fp8", "w4a8-fp"], choices=list(RECIPES))
-    s.add_argument("--max-rows", type=int, default=None)
+    s.add_argument("--recipes", nargs="+", default=["w8a8", "w4a8"], choices=list(RECIPES))
+    s.add_argument("--protocol", default="quick", help="quick (default) or full; see docs/evaluation.md")
+    s.add_argument("--samples", type=int, help="override the protocol's sample count")
+    s.add_argument("--steps", type=int, help="override the protocol's sampler steps")
+    s.add_argument("--quiet", action="store_true", help="no progress bars")
     s.set_defaults(fn=_cmd_demo)
+    s = sub.add_parser("evaluate", help="evaluate the bundled FP model and quantized checkpoints of it")
+    s.add_argument("checkpoints", nargs="*", help="lowbit checkpoints of the bundled UNet")
+    s.add_argument("--protocol", default="quick")
+    s.add_argument("--samples", type=int)
+    s.add_argument("--steps", type=int)
+    s.add_argument("--seeds", type=int, nargs="+")
+    s.add_argument("--sampler", choices=["ddim", "dpm"])
+    s.add_argument("--out", default="runs/evaluate")
+    s.add_argument("--quiet", action="store_true")
+    s.set_defaults(fn=_cmd_evaluate)
+    s = sub.add_parser("sample", help="sample images from the bundled model or a quantized checkpoint of it")
+    s.add_argument("--checkpoint", help="a lowbit checkpoint of the bundled UNet (default: the FP model)")
+    s.add_argument("--n", type=int, default=40)
+    s.add_argument("--per-row", type=int, default=20)
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--steps", type=int, default=20)
+    s.add_argument("--sampler", default="ddim", choices=["ddim", "dpm"])
+    s.add_argument("--out", default="runs/samples.png")
+    s.add_argument("--quiet", action="store_true")
+    s.set_defaults(fn=_cmd_sample)
+    s = sub.add_parser("train", help="train the bundled UNet on Fashion-MNIST (resumable); --help for options",
+                       add_help=False)
+    s.add_argument("args", nargs=argparse.REMAINDER)
+    s.set_defaults(fn=_cmd_train)
     return p
 
 
@@ -135,11 +200,11 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``lowbit`` command; returns the exit status."""
     args = build_parser().parse_args(argv)
     try:
-        args.fn(args)
+        rc = args.fn(args)
     except LowbitError as e:
         print(f"lowbit: error: {e}", file=sys.stderr)
         return 2
-    return 0
+    return rc or 0
 
 
 if __name__ == "__main__":

@@ -27,3 +27,7 @@ class CalibrationError(LowbitError, ValueError):
 
 class CheckpointError(LowbitError, ValueError):
     """A checkpoint that is missing, truncated, tampered with, or made for another model."""
+
+
+class EvaluationError(LowbitError, ValueError):
+    """A bad sample count, sampler, image batch, or missing/corrupted metric reference."""

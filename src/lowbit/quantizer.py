@@ -27,6 +27,8 @@ from .errors import CalibrationError, FormatError
 from .formats import QFormat
 
 _MIN_SCALE = 1e-12  # an all-zero channel still gets a positive, finite scale
+# Minifloats that torch can cast to natively (default bias and convention only): one fast kernel.
+_FP8_CASTS = {"fp8_e4m3": torch.float8_e4m3fn, "fp8_e5m2": torch.float8_e5m2}
 
 
 @dataclass(frozen=True)
@@ -83,12 +85,31 @@ class _RoundSTE(torch.autograd.Function):
     """Round onto the format grid; identity gradient (straight-through estimator)."""
 
     @staticmethod
-    def forward(ctx, y: torch.Tensor, fmt: QFormat) -> torch.Tensor:  # type: ignore[override]
-        return fmt.round(y)
+    def forward(ctx, y: torch.Tensor, fmt: QFormat | None) -> torch.Tensor:  # type: ignore[override]
+        return torch.round(y) if fmt is None else fmt.round(y)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):  # type: ignore[override]
         return grad, None
+
+
+def quant_dequant(xg: torch.Tensor, s: torch.Tensor, z: torch.Tensor, fmt: QFormat, ste: bool = False) -> torch.Tensor:
+    """The reference arithmetic of fake quantization on a ``[C, ng, G]`` view (``s``, ``z`` are
+    ``[C, ng, 1]``); ``ste=True`` gives the rounding a straight-through gradient.
+
+    Ints round first and add the integer zero-point after: adding it before rounding would let
+    float32 absorb low fraction bits of x/s and round twice. x·(1/s) (not x/s) matches PyTorch's
+    fused fake-quant kernels bit for bit. The clamp gives zero gradient outside the range (LSQ).
+    """
+    if fmt.kind == "int":
+        # clamping to integer bounds before rounding gives the same values as after, and the
+        # zero gradient for every x/s outside the range
+        y = torch.clamp(xg * (1.0 / s), fmt.min_value - z, fmt.max_value - z)
+        q = (_RoundSTE.apply(y, None) if ste else torch.round(y)) + z
+    else:
+        y = torch.clamp(xg / s, fmt.min_value, fmt.max_value)
+        q = _RoundSTE.apply(y, fmt) if ste else fmt.round(y)
+    return (q - z) * s
 
 
 def scale_zero_from_range(fmt: QFormat, lo: torch.Tensor, hi: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -160,22 +181,45 @@ class Quantizer(nn.Module):
             self.observer.update(x, self.label)
             return x
         self._check_ready()
+        if not (torch.is_grad_enabled() and (x.requires_grad or self.scale.requires_grad)):
+            fast = self._fast_forward(x)
+            if fast is not None:
+                return fast
         xg = grouped(x, self.scale_shape)
-        s, z = self.scale.unsqueeze(-1), self.zero.unsqueeze(-1)
-        # clamp first: values beyond the range get zero gradient (as in LSQ); inside it the
-        # rounding is straight-through.
-        y = torch.clamp(xg / s + z, self.fmt.min_value, self.fmt.max_value)
-        q = _RoundSTE.apply(y, self.fmt)
-        return ((q - z) * s).reshape(x.shape).to(x.dtype)
+        out = quant_dequant(xg, self.scale.unsqueeze(-1), self.zero.unsqueeze(-1), self.fmt, ste=True)
+        return out.reshape(x.shape).to(x.dtype)
+
+    def _fast_forward(self, x: torch.Tensor) -> torch.Tensor | None:
+        """Single-kernel inference paths, bit-identical to the reference arithmetic (tested):
+        PyTorch's fused fake-quant for ints, a float8 cast for the default FP8 formats."""
+        fmt, (c, ng) = self.fmt, self.scale_shape
+        if fmt.kind == "int":
+            s = self.scale.detach().reshape(-1).float().contiguous()
+            z = self.zero.detach().reshape(-1).to(torch.int32).contiguous()
+            lo, hi = int(fmt.min_value), int(fmt.max_value)
+            if c * ng == 1:
+                return torch.fake_quantize_per_tensor_affine(x.float(), s, z, lo, hi).to(x.dtype)
+            y = torch.fake_quantize_per_channel_affine(x.float().reshape(c * ng, -1), s, z, 0, lo, hi)
+            return y.reshape(x.shape).to(x.dtype)
+        dtype = _FP8_CASTS.get(fmt.name)
+        if dtype is None:
+            return None
+        xg = grouped(x.float(), self.scale_shape)
+        s = self.scale.detach().unsqueeze(-1)
+        y = torch.clamp(xg / s, fmt.min_value, fmt.max_value).to(dtype).float()
+        return (y * s).reshape(x.shape).to(x.dtype)
 
     @torch.no_grad()
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         """Stored form: integer codes (uint8, same shape as ``x``)."""
         self._check_ready()
         xg = grouped(x.float(), self.scale_shape)
-        y = xg / self.scale.unsqueeze(-1) + self.zero.unsqueeze(-1)
-        y = torch.clamp(y, self.fmt.min_value, self.fmt.max_value)
-        return self.fmt.encode(y).reshape(x.shape)
+        s, z, fmt = self.scale.unsqueeze(-1), self.zero.unsqueeze(-1), self.fmt
+        if fmt.kind == "int":
+            q = torch.clamp(torch.round(xg * (1.0 / s)) + z, fmt.min_value, fmt.max_value)
+        else:
+            q = torch.clamp(xg / s, fmt.min_value, fmt.max_value)
+        return fmt.encode(q).reshape(x.shape)
 
     def decode(self, codes: torch.Tensor) -> torch.Tensor:
         """Float values of stored codes; equals the simulated output bit for bit."""

@@ -1,7 +1,9 @@
-"""Model zoo: configurations of the models lowbit ships (as data, no weights).
+"""Model zoo: the models lowbit ships or builds.
 
-Each module holds a ``diffusers`` config dict plus a builder, so a checkpoint can be rebuilt and
-checked against the config it was trained with.
+* :mod:`lowbit.zoo.fmnist_unet` — the bundled, trained Fashion-MNIST diffusion UNet (config as
+  data, fp16 EMA weights in the package, :func:`load_fmnist_unet`);
+* :mod:`lowbit.zoo.toy` — seeded random-initialised networks for quick checks;
+* :mod:`lowbit.zoo.ship` — exports a training run into the package.
 """
 
 from lowbit.zoo.fmnist_unet import (
@@ -9,6 +11,7 @@ from lowbit.zoo.fmnist_unet import (
     FMNIST_UNET_CONFIG,
     build_fmnist_scheduler,
     build_fmnist_unet,
+    load_fmnist_unet,
 )
 
 __all__ = [
@@ -16,4 +19,5 @@ __all__ = [
     "FMNIST_UNET_CONFIG",
     "build_fmnist_scheduler",
     "build_fmnist_unet",
+    "load_fmnist_unet",
 ]

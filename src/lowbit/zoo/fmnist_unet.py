@@ -24,7 +24,10 @@ as fast as the lopsided (16, 32, 128) while keeping a sensible width at full res
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
+
+import torch
 
 from diffusers import DDIMScheduler, DDPMScheduler, UNet2DModel
 
@@ -84,6 +87,44 @@ def build_fmnist_scheduler(kind: str = "ddpm") -> DDPMScheduler | DDIMScheduler:
     from lowbit.errors import PlanError
 
     raise PlanError(f"unknown scheduler kind {kind!r}; use 'ddpm' or 'ddim'")
+
+
+#: The shipped EMA weights (fp16 safetensors with the configs in the metadata).
+WEIGHTS_PATH = Path(__file__).with_name("fmnist_unet.safetensors")
+
+
+def load_fmnist_unet(path: "str | Path | None" = None) -> UNet2DModel:
+    """The bundled, trained Fashion-MNIST UNet in fp32 eval mode (built on the meta device, then
+    the weights are assigned, so nothing is initialised twice)."""
+    import json
+
+    from safetensors import safe_open
+
+    from lowbit.errors import CheckpointError
+
+    path = Path(path) if path is not None else WEIGHTS_PATH
+    if not path.is_file():
+        raise CheckpointError(f"bundled model weights not found at {path}: reinstall lowbit, or train and export them"
+                              " with `lowbit train --export PATH`")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+            state = {k: f.get_tensor(k).float() for k in f.keys()}
+        config = json.loads(meta["config"])
+    except Exception as e:  # damaged header/offsets or missing metadata
+        raise CheckpointError(f"{path} is not a readable lowbit EMA export ({str(e).splitlines()[0][:100]});"
+                              " re-export it with `lowbit train --export`") from None
+    if config != json.loads(json.dumps(FMNIST_UNET_CONFIG)):
+        raise CheckpointError(f"{path} holds a model with another configuration than the bundled UNet;"
+                              " load it with UNet2DModel(**config) instead")
+    with torch.device("meta"):
+        model = build_fmnist_unet()
+    try:
+        model.load_state_dict(state, strict=True, assign=True)
+    except RuntimeError as e:
+        raise CheckpointError(f"{path} does not fit the bundled UNet ({str(e).splitlines()[0][:120]})") from None
+    model.lowbit_train_step = int(meta.get("step", -1))
+    return model.eval()
 
 
 if __name__ == "__main__":

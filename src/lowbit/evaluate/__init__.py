@@ -1,0 +1,1 @@
+"""Evaluation: sampling with fixed seeds, a feature space of our own, metrics and reports."""

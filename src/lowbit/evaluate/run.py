@@ -1,0 +1,116 @@
+"""The ``evaluate`` verb: sample every model with the protocol's seeds, then score the images.
+
+Scores (see docs/evaluation.md):
+  * against the 10k Fashion-MNIST test images: FID and KID, precision/recall (k = 3), and the
+    classifier's Inception Score and class histogram — all in lowbit's classifier feature space;
+  * against the FP model's images from the same seeds: FID-to-FP (the FP-reference FID proposed by
+    Chen et al. 2024), PSNR and SSIM;
+  * noise floors: the FID between two disjoint halves of the test set (at the protocol's sample
+    count) and, with several seeds, the FP model's seed-to-seed FID and FID spread.
+"""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..errors import EvaluationError
+from . import metrics as M
+from .features import extract, load_classifier, load_reference
+from .protocol import Protocol, get_protocol
+from .sampling import sample
+
+FEATURE_SPACE = "lowbit Fashion-MNIST classifier, 128-d penultimate features (not Inception)"
+
+
+def _stats(values: list[float]) -> tuple[float, float]:
+    return float(np.mean(values)), float(np.std(values)) if len(values) > 1 else 0.0
+
+
+def _real_subset(ref_feats: torch.Tensor, n: int, seed: int = 0) -> torch.Tensor:
+    """A fixed subset of the test features of the same size as the sample set (precision/recall
+    and KID are size-sensitive, so both sides get the same count)."""
+    perm = torch.randperm(len(ref_feats), generator=torch.Generator().manual_seed(seed))
+    return ref_feats[perm[: min(n, len(ref_feats))]]
+
+
+def split_half_fid(ref_feats: torch.Tensor, n: int, seed: int = 0) -> float:
+    """FID between two disjoint random halves of the test set, each of min(n, N/2) images: the
+    smallest FID difference the protocol can resolve at this sample count."""
+    perm = torch.randperm(len(ref_feats), generator=torch.Generator().manual_seed(seed))
+    k = min(n, len(ref_feats) // 2)
+    return M.fid(ref_feats[perm[:k]], ref_feats[perm[k:2 * k]])
+
+
+def evaluate(models: dict[str, nn.Module], scheduler_config: dict, protocol: "str | Protocol" = "quick", *,
+             fp_name: str | None = None, sizes: dict[str, int] | None = None, progress: bool = True) -> dict:
+    """Evaluate ``models`` (name → UNet) under ``protocol``; ``fp_name`` (default: the first
+    model) is the full-precision reference for FID-to-FP, PSNR and SSIM. ``sizes`` adds
+    checkpoint bytes to the results. Returns a JSON-ready dict; grid images are under
+    ``result["_grid"]`` (tensors, not written to JSON)."""
+    proto = get_protocol(protocol)
+    if not models:
+        raise EvaluationError("no models to evaluate: pass at least the FP model")
+    fp_name = fp_name or next(iter(models))
+    if fp_name not in models:
+        raise EvaluationError(f"FP reference {fp_name!r} is not among the models {list(models)}")
+    clf, ref = load_classifier(), load_reference()
+    ref_feats = ref["features"].float()
+    ref_mu, ref_sigma = ref["mean"].double().numpy(), ref["cov"].double().numpy()
+    real = _real_subset(ref_feats, proto.num_samples)
+    order = [fp_name] + [n for n in models if n != fp_name]
+    per: dict[str, dict[str, list]] = {n: {} for n in order}
+    fp_seed_feats: list[torch.Tensor] = []
+    grid: dict[str, torch.Tensor] = {}
+    for seed in proto.seeds:
+        fp_imgs = fp_feats = None
+        for name in order:
+            t0 = time.perf_counter()
+            imgs = sample(models[name], scheduler_config, n=proto.num_samples, seed=seed, sampler=proto.sampler,
+                          steps=proto.steps, batch_size=proto.batch_size, progress=progress,
+                          desc=f"{name} seed {seed}")
+            secs = time.perf_counter() - t0
+            feats, logits = extract(imgs, clf)
+            r = per[name]
+            # against the shipped float64 test statistics (computed from fp32 features)
+            r.setdefault("fid", []).append(M.frechet_distance(*M.gaussian_stats(feats), ref_mu, ref_sigma))
+            r.setdefault("kid", []).append(M.kid(feats, real)[0])
+            p, rc = M.precision_recall(real, feats, k=3)
+            r.setdefault("precision", []).append(p)
+            r.setdefault("recall", []).append(rc)
+            r.setdefault("inception_score", []).append(M.inception_score(logits)[0])
+            r.setdefault("class_hist", []).append(M.class_histogram(logits).tolist())
+            r.setdefault("sample_seconds", []).append(secs)
+            if name == fp_name:
+                fp_imgs, fp_feats = imgs, feats
+                fp_seed_feats.append(feats)
+            else:
+                r.setdefault("fid_to_fp", []).append(M.fid(feats, fp_feats))
+                r.setdefault("psnr", []).append(float(M.psnr(imgs, fp_imgs).clamp(max=100).mean()))
+                r.setdefault("ssim", []).append(float(M.ssim(imgs, fp_imgs).mean()))
+            if seed == proto.seeds[0]:
+                grid[name] = imgs[: proto.grid_samples].clone()
+    results: dict = {"protocol": proto.to_dict(), "feature_space": FEATURE_SPACE, "fp_model": fp_name,
+                     "reference": {k: v for k, v in ref["metadata"].items() if k in ("test_accuracy", "classifier_sha256")},
+                     "models": {}}
+    for name in order:
+        out = {}
+        for key, vals in per[name].items():
+            if key == "class_hist":
+                out[key] = np.mean(vals, axis=0).round(4).tolist()
+            else:
+                out[key], out[key + "_std"] = _stats(vals)
+        out["images_per_s"] = proto.num_samples / out["sample_seconds"]
+        if sizes and name in sizes:
+            out["bytes"] = sizes[name]
+        results["models"][name] = out
+    floors = {"test_split_half_fid": split_half_fid(ref_feats, proto.num_samples)}
+    if len(fp_seed_feats) > 1:
+        floors["fp_seed_to_seed_fid"] = M.fid(fp_seed_feats[0], fp_seed_feats[1])
+        floors["fp_fid_seed_std"] = results["models"][fp_name]["fid_std"]
+    results["noise_floor"] = floors
+    results["_grid"] = grid
+    return results
