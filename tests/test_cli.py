@@ -38,3 +38,21 @@ def test_errors_are_one_line(capsys, argv, msg):
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert err.startswith("lowbit: error:") and msg in err and err.count("\n") == 1
+
+
+def test_sample_writes_a_grid(tmp_path):
+    out = tmp_path / "s.png"
+    assert main(["sample", "--n", "4", "--per-row", "2", "--steps", "2", "--out", str(out), "--quiet"]) == 0
+    assert out.is_file() and out.stat().st_size > 1000
+
+
+def test_evaluate_rejects_bad_protocol_in_one_line(capsys):
+    assert main(["evaluate", "--protocol", "medium", "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "unknown protocol" in err and err.count("\n") == 1
+
+
+def test_train_forwards_its_arguments(capsys):
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    assert "--steps" in capsys.readouterr().out

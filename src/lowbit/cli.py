@@ -134,12 +134,6 @@ def _cmd_sample(args: argparse.Namespace) -> None:
     print(f"wrote {save_grid(rows, args.out)}")
 
 
-def _cmd_train(args: argparse.Namespace) -> int:
-    from .train import _main
-
-    return _main(args.args)
-
-
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="lowbit", description="Low-bit post-training quantization of diffusion models.")
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -189,15 +183,18 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", default="runs/samples.png")
     s.add_argument("--quiet", action="store_true")
     s.set_defaults(fn=_cmd_sample)
-    s = sub.add_parser("train", help="train the bundled UNet on Fashion-MNIST (resumable); --help for options",
-                       add_help=False)
-    s.add_argument("args", nargs=argparse.REMAINDER)
-    s.set_defaults(fn=_cmd_train)
+    s = sub.add_parser("train", help="train the bundled UNet on Fashion-MNIST (resumable); --help for options")
+    s.set_defaults(fn=None)  # dispatched in main() to lowbit.train
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``lowbit`` command; returns the exit status."""
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["train"]:  # its own argparse: every option goes through unchanged
+        from .train import _main as train_main
+
+        return train_main(argv[1:])
     args = build_parser().parse_args(argv)
     try:
         rc = args.fn(args)

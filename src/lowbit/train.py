@@ -496,7 +496,7 @@ def export_ema(out_dir: str | os.PathLike[str], dest_path: str | os.PathLike[str
 
 
 def _main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m lowbit.train", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="lowbit train", description=__doc__.split("\n")[0])
     p.add_argument("--out", required=True, help="run directory")
     p.add_argument("--steps", type=int, help="total optimizer steps (required to train)")
     p.add_argument("--batch-size", type=int, default=64)

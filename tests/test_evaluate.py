@@ -1,0 +1,70 @@
+"""The evaluate verb and the demo end to end on the bundled model, at a tiny sample count."""
+
+import json
+
+import pytest
+import torch
+
+from lowbit.errors import EvaluationError
+from lowbit.evaluate.protocol import get_protocol
+from lowbit.evaluate.run import evaluate, split_half_fid
+from lowbit.zoo.fmnist_unet import FMNIST_SCHEDULER_CONFIG, load_fmnist_unet
+
+TINY = get_protocol("quick").with_(num_samples=12, steps=2, batch_size=6, grid_samples=4)
+
+
+@pytest.fixture(scope="module")
+def fp():
+    return load_fmnist_unet()
+
+
+def test_evaluating_twice_gives_identical_numbers(fp):
+    from lowbit import quantize
+
+    q = quantize(load_fmnist_unet(), "w8a8", [(torch.randn(6, 1, 28, 28), torch.randint(0, 1000, (6,)))], progress=False)
+    a = evaluate({"fp32": fp, "w8a8": q}, FMNIST_SCHEDULER_CONFIG, TINY, progress=False)
+    b = evaluate({"fp32": fp, "w8a8": q}, FMNIST_SCHEDULER_CONFIG, TINY, progress=False)
+    strip = lambda r: {n: {k: v for k, v in m.items() if "seconds" not in k and k != "images_per_s"}  # noqa: E731
+                       for n, m in r["models"].items()}
+    assert strip(a) == strip(b)
+    m = a["models"]["w8a8"]
+    assert 0 <= m["ssim"] <= 1 and m["psnr"] > 10 and m["fid_to_fp"] >= 0
+    assert abs(sum(a["models"]["fp32"]["class_hist"]) - 1) < 1e-3
+    assert "fid_to_fp" not in a["models"]["fp32"] and a["noise_floor"]["test_split_half_fid"] > 0
+    assert "not Inception" in a["feature_space"]
+    assert a["_grid"]["w8a8"].shape == (4, 1, 28, 28)
+
+
+def test_fp_model_against_itself_is_exact(fp):
+    r = evaluate({"fp32": fp, "again": fp}, FMNIST_SCHEDULER_CONFIG, TINY, progress=False)
+    m = r["models"]["again"]
+    assert m["fid_to_fp"] < 1e-6 and m["ssim"] == pytest.approx(1.0) and m["psnr"] >= 99
+
+
+def test_split_half_floor_shrinks_with_sample_count():
+    from lowbit.evaluate.features import load_reference
+
+    feats = load_reference()["features"]
+    assert split_half_fid(feats, 5000) < split_half_fid(feats, 500)
+
+
+def test_evaluate_bad_input(fp):
+    with pytest.raises(EvaluationError, match="no models"):
+        evaluate({}, FMNIST_SCHEDULER_CONFIG, TINY)
+    with pytest.raises(EvaluationError, match="FP reference"):
+        evaluate({"a": fp}, FMNIST_SCHEDULER_CONFIG, TINY, fp_name="b")
+    with pytest.raises(EvaluationError, match="unknown protocol"):
+        evaluate({"a": fp}, FMNIST_SCHEDULER_CONFIG, "medium")
+
+
+def test_demo_end_to_end_writes_every_artifact(tmp_path, capsys):
+    from lowbit.demo import run_demo
+
+    res = run_demo(tmp_path, recipes=("w8a8",), num_samples=8, steps=2, calib_samples=4, progress=False)
+    for f in ("results.json", "results.md", "grid.png", "bars.png", "report-w8a8.txt", "fmnist-unet-w8a8.safetensors"):
+        assert (tmp_path / f).is_file(), f
+    saved = json.loads((tmp_path / "results.json").read_text())
+    assert saved["models"]["w8a8"]["bytes"] < 0.35 * saved["models"]["fp32"]["bytes"]
+    assert set(res["models"]) == {"fp32", "w8a8"}
+    out = capsys.readouterr().out
+    assert "| w8a8 |" in out and "FID*" in out
