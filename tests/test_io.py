@@ -150,3 +150,22 @@ def test_save_is_atomic(tmp_path, monkeypatch):
 def test_save_refuses_an_unquantized_model(tmp_path):
     with pytest.raises(CheckpointError, match="no quantized layers"):
         save(make_unet(), tmp_path / "x.safetensors")
+
+
+def test_meta_model_with_unsaved_buffer_gets_a_clear_error(tmp_path):
+    class WithBuffer(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(8, 8)
+            self.register_buffer("table", torch.arange(8.0), persistent=False)
+
+        def forward(self, x):
+            return self.fc(x) + self.table
+
+    torch.manual_seed(0)
+    path = save(quantize(WithBuffer(), "w4a16"), tmp_path / "b.safetensors")
+    with torch.device("meta"):
+        meta_model = WithBuffer()
+    with pytest.raises(CheckpointError, match="still on the meta device"):
+        load(path, meta_model)
+    assert torch.isfinite(load(path, WithBuffer())(torch.randn(2, 8))).all()  # CPU-built works

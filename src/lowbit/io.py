@@ -203,6 +203,10 @@ def load(path: "str | Path", model: nn.Module) -> nn.Module:
         model.load_state_dict(state, strict=True, assign=True)
     except RuntimeError as e:
         raise CheckpointError(f"checkpoint tensors do not fit the model ({str(e).splitlines()[0][:160]})") from None
+    left = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
+    if left:
+        raise CheckpointError(f"after loading, {left[0]!r} is still on the meta device (a non-persistent buffer is"
+                              " not stored in checkpoints); build the model on the CPU instead of the meta device")
     for n, m in quant_layers(model):
         if isinstance(m, QuantWeightLayer):
             m.weight_sqnr_db = layers.get(n, {}).get("weight_sqnr_db")
