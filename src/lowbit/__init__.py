@@ -13,7 +13,7 @@ Number formats are data (``lowbit.formats.parse("fp4_e2m1")``); recipes are name
 
 from . import formats
 from .calibration import calibrate
-from .errors import CalibrationError, CheckpointError, EvaluationError, FormatError, LowbitError, PlanError
+from .errors import CalibrationError, CheckpointError, DataError, EvaluationError, FormatError, LowbitError, PlanError
 from .formats import QFormat, parse
 from .io import load, read_checkpoint, save
 from .nn import QuantAttnProcessor, QuantConv2d, QuantLinear, quant_layers
@@ -30,5 +30,5 @@ __all__ = [
     "report", "report_checkpoint", "format_report",
     "LayerSpec", "Plan", "Rule", "recipe", "RECIPES", "DEFAULT_EXCLUDE",
     "QuantLinear", "QuantConv2d", "QuantAttnProcessor", "quant_layers",
-    "LowbitError", "FormatError", "PlanError", "CalibrationError", "CheckpointError", "EvaluationError",
+    "LowbitError", "FormatError", "PlanError", "CalibrationError", "CheckpointError", "EvaluationError", "DataError",
 ]

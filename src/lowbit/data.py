@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from lowbit.errors import LowbitError
+from lowbit.errors import DataError
 
 #: Where the Debian package puts the files; ``LOWBIT_FASHION_MNIST_DIR`` overrides it.
 DEFAULT_DIR = Path("/usr/share/datasets/fashion-mnist")
@@ -45,10 +45,6 @@ _FILES = {
 _IDX_UBYTE = 0x08
 _MAGIC_LABELS = 0x00000801  # 2049: uint8, 1 dimension
 _MAGIC_IMAGES = 0x00000803  # 2051: uint8, 3 dimensions
-
-
-class DataError(LowbitError, ValueError):
-    """The Fashion-MNIST files are missing, truncated or not idx files."""
 
 
 def _install_hint() -> str:

@@ -31,3 +31,7 @@ class CheckpointError(LowbitError, ValueError):
 
 class EvaluationError(LowbitError, ValueError):
     """A bad sample count, sampler, image batch, or missing/corrupted metric reference."""
+
+
+class DataError(LowbitError, ValueError):
+    """A dataset file that is missing, truncated, or not in the expected format."""
