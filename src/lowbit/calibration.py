@@ -174,7 +174,7 @@ def calibrate(model: nn.Module, data: Iterable[Any] | None = None, *,
             forward_loop(model)
         else:
             n = 0
-            for i, batch in enumerate(tqdm(data, desc="calibrating", disable=not progress, leave=False)):
+            for i, batch in enumerate(tqdm(data, desc="calibrating", disable=None if progress else True, leave=False)):
                 _check_finite_batch(batch, i)
                 _run_batch(model, batch)
                 n += 1

@@ -60,7 +60,7 @@ def sample(model: nn.Module, scheduler_config: dict, *, n: int, seed: int = 0, s
     noise = initial_noise(n, shape, seed)
     out = torch.empty_like(noise)
     model.eval()
-    bar = tqdm(total=n * steps, desc=desc, unit="img-step", disable=not progress, leave=False)
+    bar = tqdm(total=n * steps, desc=desc, unit="img-step", disable=None if progress else True, leave=False)
     for start in range(0, n, batch_size):
         sched = make_scheduler(sampler, scheduler_config)  # schedulers are stateful: one per batch
         sched.set_timesteps(steps)
