@@ -32,7 +32,7 @@ def test_quantize_then_report(tmp_path, capsys):
 @pytest.mark.parametrize("argv, msg", [
     (["formats", "fp9_e9m9"], "out of range"),
     (["formats", "int17"], "out of range"),
-    (["report", "/nonexistent/x.safetensors"], "no checkpoint at"),
+    (["report", "/nonexistent/x.safetensors"], "lowbit checkpoint not found at"),
 ])
 def test_errors_are_one_line(capsys, argv, msg):
     assert main(argv) == 2

@@ -111,7 +111,7 @@ def test_plain_safetensors_and_missing_file(tmp_path):
     safetensors.torch.save_file(make_unet().state_dict(), plain)
     with pytest.raises(CheckpointError, match="not a lowbit checkpoint"):
         load(plain, make_unet())
-    with pytest.raises(CheckpointError, match="no checkpoint at"):
+    with pytest.raises(CheckpointError, match="lowbit checkpoint not found at"):
         load(tmp_path / "nope.safetensors", make_unet())
     (tmp_path / "junk.safetensors").write_bytes(b"\x00" * 20)
     with pytest.raises(CheckpointError, match="truncated or not a safetensors file"):

@@ -80,7 +80,7 @@ def test_bundled_loader_errors(tmp_path):
         load_fmnist_unet(tmp_path / "missing.safetensors")
     bad = tmp_path / "bad.safetensors"
     bad.write_bytes(WEIGHTS_PATH.read_bytes()[:5000])
-    with pytest.raises(CheckpointError, match="not a readable"):
+    with pytest.raises(CheckpointError, match="damaged"):
         load_fmnist_unet(bad)
     wrong = tmp_path / "wrong.safetensors"
     safetensors.torch.save_file(make_unet().state_dict(), wrong, metadata={"config": '{"sample_size": 8}'})

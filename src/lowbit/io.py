@@ -124,21 +124,27 @@ def save(model: nn.Module, path: "str | Path", *, metadata: dict[str, str] | Non
     return Path(path)
 
 
-def read_checkpoint(path: "str | Path") -> tuple[dict[str, str], dict[str, torch.Tensor]]:
-    """Metadata and tensors of a lowbit checkpoint, integrity-checked (no model needed)."""
+def read_safetensors(path: "str | Path", what: str, fix: str) -> tuple[dict[str, str], dict[str, torch.Tensor]]:
+    """(metadata, tensors) of any safetensors file we ship or write; a missing or unreadable file
+    raises one CheckpointError naming ``what`` it should have been and ``fix``."""
     path = Path(path)
     if not path.is_file():
-        raise CheckpointError(f"no checkpoint at {path}: check the path (lowbit.save writes .safetensors files)")
+        raise CheckpointError(f"{what} not found at {path}; {fix}")
     try:
         with safetensors.safe_open(str(path), framework="pt") as f:
-            meta = f.metadata() or {}
+            meta = dict(f.metadata() or {})
             tensors = {k: f.get_tensor(k) for k in f.keys()}
-    except LowbitError:
-        raise
     except Exception as e:  # safetensors raises its own error types for damaged headers/offsets
-        raise CheckpointError(
-            f"{path} is truncated or not a safetensors file ({str(e).splitlines()[0][:120]}); re-save it with lowbit.save"
-        ) from None
+        msg = (str(e).splitlines() or [type(e).__name__])[0][:120]
+        raise CheckpointError(f"cannot read {what} {path}: the file is damaged (truncated or not a safetensors"
+                              f" file: {msg}); {fix}") from None
+    return meta, tensors
+
+
+def read_checkpoint(path: "str | Path") -> tuple[dict[str, str], dict[str, torch.Tensor]]:
+    """Metadata and tensors of a lowbit checkpoint, integrity-checked (no model needed)."""
+    meta, tensors = read_safetensors(path, "lowbit checkpoint",
+                                     "check the path, or re-save it with lowbit.save (it writes .safetensors files)")
     if "lowbit_format" not in meta:
         raise CheckpointError(f"{path} is not a lowbit checkpoint (no lowbit metadata); quantize and save it with lowbit first")
     if meta["lowbit_format"] != FORMAT_VERSION:

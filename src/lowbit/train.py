@@ -10,7 +10,7 @@ replaced atomically (temp file in the same directory, fsync, ``os.replace``) so 
 ``kill`` never leaves a half-written checkpoint; SIGTERM/SIGINT save one before exiting.
 ``out_dir/train_log.jsonl`` gets one JSON line per ``log_every`` steps.
 
-Run: ``PYTHONPATH=src python -m lowbit.train --out DIR --steps N`` (one thread by default).
+Run: ``lowbit train --out DIR --steps N`` (one thread by default; ``--help`` lists the options).
 """
 
 from __future__ import annotations
@@ -150,7 +150,7 @@ def save_checkpoint(
 def read_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """Read a training checkpoint: (tensors, metadata dict). Raises CheckpointError if unusable."""
     if not path.is_file():
-        raise CheckpointError(f"no checkpoint at {path}; train first with `python -m lowbit.train`")
+        raise CheckpointError(f"no checkpoint at {path}; train first with `lowbit train`")
     try:
         # One read, then parse both tensors and header from the same bytes, so a checkpoint
         # replaced meanwhile by a running training cannot mix two versions.

@@ -46,6 +46,7 @@ import torch
 from torch import nn
 
 from lowbit.errors import CheckpointError, EvaluationError
+from lowbit.io import read_safetensors
 
 __all__ = [
     "CLASSIFIER_PATH",
@@ -154,17 +155,11 @@ def file_sha256(path: str | Path) -> str:
     return h.hexdigest()
 
 
-def _read_safetensors(path: Path, what: str, fix: str) -> tuple[dict[str, str], dict[str, torch.Tensor]]:
-    if not path.is_file():
-        raise CheckpointError(f"{what} not found at {path}; {fix}")
-    try:
-        with safetensors.safe_open(str(path), framework="pt") as f:
-            meta = dict(f.metadata() or {})
-            names = f.keys()
-            tensors = {k: f.get_tensor(k) for k in names}
-    except (safetensors.SafetensorError, OSError, ValueError, RuntimeError) as exc:
-        msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise CheckpointError(f"cannot read {what} {path} ({msg}); the file is damaged, {fix}") from None
+def _read(path: Path, what: str, fmt: str, fix: str) -> tuple[dict[str, str], dict[str, torch.Tensor]]:
+    """Read a shipped safetensors file and check that its metadata names format ``fmt``."""
+    meta, tensors = read_safetensors(path, what, fix)
+    if meta.get("format") != fmt:
+        raise CheckpointError(f"{path} is not a lowbit {what} file (format {meta.get('format')!r}, expected {fmt!r}); {fix}")
     return meta, tensors
 
 
@@ -193,12 +188,7 @@ def load_classifier(path: str | Path | None = None) -> FashionClassifier:
     """
     path = Path(CLASSIFIER_PATH if path is None else path)
     fix = f"reinstall lowbit or retrain with {_RETRAIN}"
-    meta, tensors = _read_safetensors(path, "Fashion-MNIST classifier", fix)
-    if meta.get("format") != CLASSIFIER_FORMAT:
-        raise CheckpointError(
-            f"{path} is not a lowbit Fashion-MNIST classifier (format {meta.get('format')!r}, "
-            f"expected {CLASSIFIER_FORMAT!r}); {fix}"
-        )
+    meta, tensors = _read(path, "Fashion-MNIST classifier", CLASSIFIER_FORMAT, fix)
     model = FashionClassifier()
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     got = {k: tuple(v.shape) for k, v in tensors.items()}
@@ -376,12 +366,7 @@ def load_reference(path: str | Path | None = None, classifier_path: str | Path |
     """
     path = Path(REFERENCE_PATH if path is None else path)
     fix = f"reinstall lowbit or regenerate it with {_REGENERATE}"
-    meta, tensors = _read_safetensors(path, "reference statistics", fix)
-    if meta.get("format") != REFERENCE_FORMAT:
-        raise CheckpointError(
-            f"{path} is not a lowbit reference-statistics file (format {meta.get('format')!r}, "
-            f"expected {REFERENCE_FORMAT!r}); {fix}"
-        )
+    meta, tensors = _read(path, "reference statistics", REFERENCE_FORMAT, fix)
     if set(tensors) != set(_REFERENCE_SHAPES):
         raise CheckpointError(
             f"{path} holds tensors {sorted(tensors)}, expected {sorted(_REFERENCE_SHAPES)}; {fix}"

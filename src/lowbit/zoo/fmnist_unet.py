@@ -98,22 +98,17 @@ def load_fmnist_unet(path: "str | Path | None" = None) -> UNet2DModel:
     the weights are assigned, so nothing is initialised twice)."""
     import json
 
-    from safetensors import safe_open
-
     from lowbit.errors import CheckpointError
+    from lowbit.io import read_safetensors
 
     path = Path(path) if path is not None else WEIGHTS_PATH
-    if not path.is_file():
-        raise CheckpointError(f"bundled model weights not found at {path}: reinstall lowbit, or train and export them"
-                              " with `lowbit train --export PATH`")
+    fix = "reinstall lowbit, or train and export the weights with `lowbit train` and `python -m lowbit.zoo.ship`"
+    meta, tensors = read_safetensors(path, "bundled model weights", fix)
+    state = {k: v.float() for k, v in tensors.items()}
     try:
-        with safe_open(str(path), framework="pt") as f:
-            meta = f.metadata() or {}
-            state = {k: f.get_tensor(k).float() for k in f.keys()}
         config = json.loads(meta["config"])
-    except Exception as e:  # damaged header/offsets or missing metadata
-        raise CheckpointError(f"{path} is not a readable lowbit EMA export ({str(e).splitlines()[0][:100]});"
-                              " re-export it with `lowbit train --export`") from None
+    except (KeyError, json.JSONDecodeError):
+        raise CheckpointError(f"{path} has no model config in its metadata (not a lowbit EMA export); {fix}") from None
     if config != json.loads(json.dumps(FMNIST_UNET_CONFIG)):
         raise CheckpointError(f"{path} holds a model with another configuration than the bundled UNet;"
                               " load it with UNet2DModel(**config) instead")
