@@ -10,12 +10,11 @@ import sys
 import time
 from pathlib import Path
 
-import safetensors.torch
 import torch
 
 from . import formats as F
 from .errors import LowbitError
-from .io import load, save
+from .io import fp32_safetensors_bytes, load, save
 from .nn import sqnr_db
 from .plan import RECIPES, recipe
 from .quantize import quantize
@@ -36,16 +35,11 @@ def _cmd_recipes(args: argparse.Namespace) -> None:
         print(f"{name:<9} {doc}")
 
 
-def _fp32_safetensors_bytes(model: torch.nn.Module) -> int:
-    """Size of the float model saved as plain fp32 safetensors (the reference for ratios)."""
-    return len(safetensors.torch.save({k: v.contiguous() for k, v in model.state_dict().items()}))
-
-
 def _quantize_builtin(model_name: str, recipe_name: str, out: Path, calib_batches: int, seed: int,
                       progress: bool) -> dict:
     """Quantize a built-in model, save it, reload it, and measure what matters."""
     model = toy.build(model_name, seed)
-    fp_bytes = _fp32_safetensors_bytes(model)
+    fp_bytes = fp32_safetensors_bytes(model)
     held_out = toy.example_inputs(model_name, 2, seed=seed + 1000)
     with torch.no_grad():
         ref = [toy.run(model, x) for x in held_out]

@@ -13,14 +13,13 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-import safetensors.torch
 import torch
 
 from .evaluate.output import markdown_table, write_results
 from .evaluate.protocol import get_protocol
 from .evaluate.run import evaluate
 from .evaluate.sampling import trajectory_inputs
-from .io import load, save
+from .io import fp32_safetensors_bytes, load, save
 from .quantize import quantize
 from .report import format_report, report
 from .zoo.fmnist_unet import FMNIST_SCHEDULER_CONFIG, build_fmnist_unet, load_fmnist_unet
@@ -45,7 +44,7 @@ def run_demo(out_dir: "str | Path" = "runs/demo", recipes: tuple[str, ...] = ("w
     out.mkdir(parents=True, exist_ok=True)
     proto = get_protocol(protocol).with_(num_samples=num_samples, steps=steps)
     fp = load_fmnist_unet()
-    sizes = {"fp32": len(safetensors.torch.save({k: v.contiguous() for k, v in fp.state_dict().items()}))}
+    sizes = {"fp32": fp32_safetensors_bytes(fp)}
     print(f"bundled model: {sum(p.numel() for p in fp.parameters()):,} parameters, trained "
           f"{getattr(fp, 'lowbit_train_step', '?')} steps; protocol {proto.name}: {proto.sampler.upper()} "
           f"{proto.steps} steps, {proto.num_samples} samples, seeds {list(proto.seeds)}", flush=True)

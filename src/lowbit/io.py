@@ -49,6 +49,11 @@ def fp_signature(model: nn.Module) -> dict[str, list[int]]:
     return sig
 
 
+def fp32_safetensors_bytes(model: nn.Module) -> int:
+    """Size of ``model`` saved as plain float safetensors: the reference for checkpoint ratios."""
+    return len(safetensors.torch.save({k: v.detach().contiguous() for k, v in model.state_dict().items()}))
+
+
 def _digest(meta: dict[str, str], tensors: dict[str, torch.Tensor]) -> str:
     h = hashlib.sha256(json.dumps({k: v for k, v in meta.items() if k != "checksum"}, sort_keys=True).encode())
     for k in sorted(tensors):
