@@ -148,6 +148,17 @@ def _check_finite_batch(batch: Any, i: int) -> None:
             )
 
 
+def _drop_kernels(model: nn.Module) -> None:
+    """Back to emulated compute: kernels bypass the quantizers (and their observers) and hold
+    snapshots of the old scales."""
+    for m in model.modules():
+        if getattr(m, "kernel", None) is not None:
+            if getattr(m, "codes_released", False):
+                raise CalibrationError("this model's codes were released for inference; recalibrate the"
+                                       " simulated model (or a checkpoint loaded with compute='emulated')")
+            m.kernel = None
+
+
 @torch.no_grad()
 def calibrate(model: nn.Module, data: Iterable[Any] | None = None, *,
               forward_loop: Callable[[nn.Module], None] | None = None,
@@ -164,6 +175,7 @@ def calibrate(model: nn.Module, data: Iterable[Any] | None = None, *,
     quants = activation_quantizers(model)
     if not quants:
         return model  # weight-only plans need no activation ranges
+    _drop_kernels(model)
     for name, q in quants:
         q.observer = Observer(observer or getattr(q, "observer_kind", "minmax"))
         q.label = name

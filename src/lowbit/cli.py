@@ -1,4 +1,4 @@
-"""The ``lowbit`` command line: formats, recipes, quantize, report, demo, evaluate, sample, train.
+"""The ``lowbit`` command line: formats, recipes, quantize, report, demo, evaluate, sample, bench, train.
 
 Every subcommand does real work; user errors (``LowbitError``) print one line and exit with 2.
 """
@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 from . import formats as F
-from .errors import LowbitError
+from .errors import EvaluationError, LowbitError
 from .io import fp32_safetensors_bytes, load, save
 from .nn import sqnr_db
 from .plan import RECIPES, recipe
@@ -49,7 +49,7 @@ def _quantize_builtin(model_name: str, recipe_name: str, out: Path, calib_batche
     save(model, out, metadata={"builtin_model": model_name, "seed": str(seed)})
     with torch.device("meta"):
         fresh = toy.build(model_name, seed)
-    reloaded = load(out, fresh)
+    reloaded = load(out, fresh, compute="emulated")  # bit-identity is a property of the codes
     with torch.no_grad():
         outs = [toy.run(model, x) for x in held_out]
         outs2 = [toy.run(reloaded, x) for x in held_out]
@@ -116,6 +116,16 @@ def _cmd_evaluate(args: argparse.Namespace) -> None:
     print(f"\nwrote {', '.join(str(p) for p in files.values())}")
 
 
+def _cmd_bench(args: argparse.Namespace) -> None:
+    from .bench.run import bench
+
+    if args.steps <= 0 or args.repeats <= 0:
+        raise EvaluationError("--steps and --repeats must be positive")
+    cmd = "lowbit bench " + " ".join(sys.argv[2:]) if len(sys.argv) > 2 else "lowbit bench"
+    bench(tuple(args.models), tuple(args.recipes), tuple(args.peers), args.steps, args.repeats, args.threads,
+          not args.no_memory, args.out, command=cmd.strip())
+
+
 def _cmd_sample(args: argparse.Namespace) -> None:
     from .evaluate.output import save_grid
     from .evaluate.sampling import sample
@@ -177,6 +187,16 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", default="runs/samples.png")
     s.add_argument("--quiet", action="store_true")
     s.set_defaults(fn=_cmd_sample)
+    s = sub.add_parser("bench", help="sampling speed, memory and accuracy of FP32/BF16, lowbit recipes and peers")
+    s.add_argument("--models", nargs="+", default=["bundled", "sdlike"], choices=["bundled", "sdlike"])
+    s.add_argument("--recipes", nargs="+", default=["w8a8", "w4a8", "fp8"])
+    s.add_argument("--peers", nargs="*", default=["pt2e", "quanto"], choices=["pt2e", "quanto"])
+    s.add_argument("--steps", type=int, default=10, help="DDIM steps per timed sampling run")
+    s.add_argument("--repeats", type=int, default=3, help="timed repeats (medians are reported)")
+    s.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    s.add_argument("--no-memory", action="store_true", help="skip the per-variant peak-RSS processes")
+    s.add_argument("--out", default="docs/performance.md", help="Markdown report to write")
+    s.set_defaults(fn=_cmd_bench)
     s = sub.add_parser("train", help="train the bundled UNet on Fashion-MNIST (resumable); --help for options")
     s.set_defaults(fn=None)  # dispatched in main() to lowbit.train
     return p

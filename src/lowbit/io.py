@@ -183,12 +183,24 @@ def _check_arch(expected: dict, model: nn.Module) -> None:
                               " lacks; pass the architecture it was quantized from")
 
 
-def load(path: "str | Path", model: nn.Module) -> nn.Module:
+def load(path: "str | Path", model: nn.Module, *, compute: str = "auto",
+         dtype: torch.dtype = torch.float32) -> nn.Module:
     """Load a lowbit checkpoint into ``model``, the *float* architecture it was quantized from.
 
     Build the model under ``torch.device("meta")`` to avoid allocating any fp32 weight; every
     tensor is then assigned from the file. Returns the quantized model (stored form, eval mode).
+
+    ``compute`` installs each layer's kernel (:func:`lowbit.kernels.set_compute`): ``"auto"``
+    runs native int8 / bf16 wherever a layer's formats allow, and then keeps only the kernel's
+    copy of those weights (packed int4 becomes int8 in memory, never fp32); such a model runs but
+    cannot be saved again. ``"emulated"`` keeps the codes and computes exactly like the simulated
+    model. ``dtype=torch.bfloat16`` runs the activations between quantized layers in bf16 (see
+    :func:`lowbit.kernels.set_compute`; feed bf16 inputs).
     """
+    from .kernels import set_compute  # kernels import nn; keep io importable on its own
+
+    if compute not in ("auto", "int8", "bf16", "emulated"):
+        raise CheckpointError(f"unknown compute path {compute!r}: use auto, int8, bf16 or emulated")
     meta, tensors = read_checkpoint(path)
     layers = _json(meta, "layers")
     if quant_layers(model):
@@ -223,4 +235,6 @@ def load(path: "str | Path", model: nn.Module) -> nn.Module:
             m.weight_sqnr_db = layers.get(n, {}).get("weight_sqnr_db")
     plan = _json(meta, "plan")
     model.lowbit_plan = Plan.from_dict(plan) if plan else None
+    if compute != "emulated":
+        set_compute(model, compute, release_codes=True, dtype=dtype)
     return model.eval()

@@ -8,8 +8,9 @@
   the two attention matmuls (Q·Kᵀ and softmax·V), following diffusers' ``AttnProcessor`` math.
 * :func:`apply_specs` — swaps modules by name; works on any ``nn.Module``.
 
-Compute here is emulated (dequantize, then float matmul/conv); the integer kernels live in
-``lowbit.kernels`` and report their own path.
+Compute here is emulated (dequantize, then float matmul/conv) until
+:func:`lowbit.kernels.set_compute` installs a real kernel (native int8 or bf16) on a layer; the
+layer then calls it and its ``compute_path`` says which one runs.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .calibration import weight_range
-from .errors import PlanError
+from .errors import CheckpointError, PlanError
 from .formats import parse_optional
 from .plan import LayerSpec
 from .quantizer import Quantizer
@@ -69,6 +70,27 @@ class QuantWeightLayer(QuantModule):
             self.weight = nn.Parameter(torch.empty(self.weight_shape, device=device))
         self.bias = nn.Parameter(torch.empty(self.weight_shape[0], device=device)) if has_bias else None
         self.weight_sqnr_db: float | None = None
+        self.kernel = None  # a lowbit.kernels kernel, installed by set_compute; None = emulated
+        self.codes_released = False
+
+    @property
+    def compute_path(self) -> str:  # type: ignore[override]
+        """``'emulated'`` or the installed kernel's path (e.g. ``'native int8 (oneDNN)'``, ``'bf16'``)."""
+        return "emulated" if self.kernel is None else self.kernel.path
+
+    def release_codes(self) -> None:
+        """Drop the code buffer of a layer that runs a kernel (it holds its own copy of the weight)."""
+        if self.kernel is None:
+            raise PlanError("release_codes() needs a native kernel: run lowbit.kernels.set_compute first")
+        del self.weight_codes
+        self.codes_released = True
+
+    def _check_codes(self) -> None:
+        if self.codes_released:
+            raise CheckpointError(
+                "this layer's codes were released for inference (set_compute(release_codes=True) or"
+                " lowbit.load(compute=...)); load the checkpoint again with compute='emulated' to save or edit it"
+            )
 
     @property
     def stored(self) -> bool:
@@ -87,6 +109,7 @@ class QuantWeightLayer(QuantModule):
 
     def qweight(self) -> torch.Tensor:
         """The weight as the layer computes with it (dequantized codes or fake-quantized)."""
+        self._check_codes()
         if not self.weight_quant.enabled:
             return self.weight
         if self.stored:
@@ -96,6 +119,7 @@ class QuantWeightLayer(QuantModule):
     @torch.no_grad()
     def weight_codes_now(self) -> torch.Tensor:
         """uint8 codes of the weight (computed from the float weight in simulated form)."""
+        self._check_codes()
         return self.weight_codes if self.stored else self.weight_quant.encode(self.weight)
 
     @torch.no_grad()
@@ -124,7 +148,10 @@ class QuantLinear(QuantWeightLayer):
         return q
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(self.input_quant(x), self.qweight(), self.bias)
+        if self.kernel is not None:
+            return self.kernel(x)
+        b = None if self.bias is None else self.bias.to(x.dtype)
+        return F.linear(self.input_quant(x), self.qweight().to(x.dtype), b)
 
     def extra_repr(self) -> str:
         return f"{self.in_features}, {self.out_features}, {self.spec.describe()}"
@@ -151,11 +178,18 @@ class QuantConv2d(QuantWeightLayer):
         return q
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.kernel is not None:
+            # reflect/replicate/circular padding copies values, so padding the float input before
+            # the kernel quantizes it equals padding the codes; the kernel itself pads with zeros
+            if self.padding_mode != "zeros":
+                x = F.pad(x, self._reversed_padding_repeated_twice, mode=self.padding_mode)
+            return self.kernel(x)
         x = self.input_quant(x)
+        w, b = self.qweight().to(x.dtype), None if self.bias is None else self.bias.to(x.dtype)  # no-ops in fp32
         if self.padding_mode != "zeros":
             x = F.pad(x, self._reversed_padding_repeated_twice, mode=self.padding_mode)
-            return F.conv2d(x, self.qweight(), self.bias, self.stride, 0, self.dilation, self.groups)
-        return F.conv2d(x, self.qweight(), self.bias, self.stride, self.padding, self.dilation, self.groups)
+            return F.conv2d(x, w, b, self.stride, 0, self.dilation, self.groups)
+        return F.conv2d(x, w, b, self.stride, self.padding, self.dilation, self.groups)
 
     def extra_repr(self) -> str:
         return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride},"

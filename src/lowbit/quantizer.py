@@ -28,7 +28,7 @@ from .formats import QFormat
 
 _MIN_SCALE = 1e-12  # an all-zero channel still gets a positive, finite scale
 # Minifloats that torch can cast to natively (default bias and convention only): one fast kernel.
-_FP8_CASTS = {"fp8_e4m3": torch.float8_e4m3fn, "fp8_e5m2": torch.float8_e5m2}
+FP8_CASTS = {"fp8_e4m3": torch.float8_e4m3fn, "fp8_e5m2": torch.float8_e5m2}
 
 
 @dataclass(frozen=True)
@@ -180,8 +180,12 @@ class Quantizer(nn.Module):
         if self.observer is not None:
             self.observer.update(x, self.label)
             return x
-        self._check_ready()
-        if not (torch.is_grad_enabled() and (x.requires_grad or self.scale.requires_grad)):
+        compiling = torch.compiler.is_compiling()
+        if not compiling:  # bool(tensor) would break a torch.compile graph; eager runs check it
+            self._check_ready()
+        # under torch.compile the reference arithmetic is plain elementwise ops that inductor fuses
+        # into neighbouring kernels; the fused eager kernels below are opaque to it
+        if not compiling and not (torch.is_grad_enabled() and (x.requires_grad or self.scale.requires_grad)):
             fast = self._fast_forward(x)
             if fast is not None:
                 return fast
@@ -201,7 +205,7 @@ class Quantizer(nn.Module):
                 return torch.fake_quantize_per_tensor_affine(x.float(), s, z, lo, hi).to(x.dtype)
             y = torch.fake_quantize_per_channel_affine(x.float().reshape(c * ng, -1), s, z, 0, lo, hi)
             return y.reshape(x.shape).to(x.dtype)
-        dtype = _FP8_CASTS.get(fmt.name)
+        dtype = FP8_CASTS.get(fmt.name)
         if dtype is None:
             return None
         xg = grouped(x.float(), self.scale_shape)

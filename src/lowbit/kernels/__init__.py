@@ -1,10 +1,14 @@
-"""Integer kernels for quantized layers (real low-bit arithmetic instead of emulation).
+"""Real low-bit execution of quantized layers (instead of dequantize-then-float emulation).
 
-:mod:`lowbit.kernels.int8_cpu` — W8A8 linear (uint8 activations with zero-point, int8
-per-channel weights) on ``torch._int_mm``, with an exact reference implementation.
+* :mod:`.select` — :func:`set_compute` picks and installs each layer's path (native int8 / bf16 /
+  emulated), automatically per device and shape or as requested;
+* :mod:`.onednn` — W8A8 Conv2d and Linear on CPU via oneDNN's integer primitives;
+* :mod:`.int_mm` — W8A8 Linear via ``torch._int_mm`` (CUDA), with the exact integer reference;
+* :mod:`.bf16` — minifloat (FP8/FP6/FP4) and weight-only layers computed in bf16 on exact values.
 """
 
-from .int8_cpu import (
+from .int_mm import (
+    IntMMLinearKernel,
     PreparedLinearWeight,
     linear_w8a8,
     linear_w8a8_acc,
@@ -13,13 +17,18 @@ from .int8_cpu import (
     prepare_linear_weight,
     quantize_activation,
 )
+from .select import PATHS, choose_path, set_compute
 
 __all__ = [
+    "PATHS",
+    "IntMMLinearKernel",
     "PreparedLinearWeight",
+    "choose_path",
     "linear_w8a8",
     "linear_w8a8_acc",
     "linear_w8a8_reference",
     "linear_w8a8_reference_acc",
     "prepare_linear_weight",
     "quantize_activation",
+    "set_compute",
 ]

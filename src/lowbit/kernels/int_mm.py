@@ -1,4 +1,8 @@
-"""Real int8 (W8A8) linear layer: integer GEMM instead of dequantize-then-float-GEMM.
+"""W8A8 linear on ``torch._int_mm`` (int8×int8→int32 GEMM), with its exact integer reference.
+
+This is the Linear path on CUDA (``select.set_compute``); on CPU oneDNN (:mod:`.onednn`) is faster
+because it fuses the epilogue, but this module's reference is the specification both are tested
+against.
 
 lowbit's quantized layers compute *emulated*: the int8 weight codes are dequantized and the input
 fake-quantized, then a float ``F.linear`` runs. This module computes the same quantity with
@@ -46,6 +50,7 @@ import torch
 from ..errors import FormatError
 
 __all__ = [
+    "IntMMLinearKernel",
     "PreparedLinearWeight",
     "linear_w8a8",
     "linear_w8a8_acc",
@@ -202,3 +207,20 @@ def linear_w8a8(x: torch.Tensor, x_scale, x_zero, weight, w_scale: torch.Tensor,
     if bias is not None:
         out.add_(bias.float())
     return out.to(x.dtype)
+
+
+class IntMMLinearKernel:
+    """A QuantLinear's W8A8 compute via :func:`linear_w8a8` (uint8 activations)."""
+
+    path = "native int8 (_int_mm)"
+
+    def __init__(self, w_int8: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None,
+                 x_scale: float, x_zero: int) -> None:
+        self.weight = prepare_linear_weight(w_int8)
+        self.w_scale = w_scale.reshape(-1).float().contiguous()
+        self.bias = None if bias is None else bias.detach().float()
+        self.x_scale = torch.tensor(float(x_scale), dtype=torch.float32, device=w_int8.device)
+        self.x_zero = int(x_zero)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return linear_w8a8(x, self.x_scale, self.x_zero, self.weight, self.w_scale, self.bias)

@@ -1,0 +1,80 @@
+"""Peak resident memory of one variant while it samples, measured in a fresh process.
+
+RSS is per process and never goes down, so each variant gets its own interpreter:
+``python -m lowbit.bench.memory MODEL VARIANT [CHECKPOINT]`` builds the model the way a user
+would (FP32/BF16 from the float weights; lowbit variants by loading the packed checkpoint onto a
+meta-device model, so no fp32 weight is ever allocated), samples one batch, and prints JSON with
+the RSS after imports (the Python + PyTorch baseline every variant pays) and the peak.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+__all__ = ["measure"]
+
+
+def _status_mb(key: str) -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(key + ":"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def _main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(prog="python -m lowbit.bench.memory")
+    ap.add_argument("model")
+    ap.add_argument("variant")
+    ap.add_argument("checkpoint", nargs="?")
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--steps", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=1)
+    a = ap.parse_args(argv)
+    import torch
+
+    from ..evaluate.sampling import sample
+    from ..io import load
+    from .run import MODELS
+
+    torch.set_num_threads(a.threads)
+    spec = MODELS[a.model]
+    base = _status_mb("VmRSS")
+    if a.checkpoint:
+        with torch.device("meta"):
+            fresh = spec.build()
+        model = load(a.checkpoint, fresh)
+    else:
+        model = spec.load()
+        if a.variant == "bf16":
+            model = model.to(torch.bfloat16)
+    dtype = next(model.parameters()).dtype if any(True for _ in model.parameters()) else torch.float32
+
+    class _Eps(torch.nn.Module):
+        def forward(self, x, t):
+            out = model(x.to(dtype), t)
+            return (out.sample if hasattr(out, "sample") else out).float()
+
+    sample(_Eps(), spec.scheduler, n=a.batch, batch_size=a.batch, steps=a.steps, shape=spec.shape, progress=False)
+    # VmHWM, not getrusage's ru_maxrss: Linux carries ru_maxrss over fork+exec, so a child would
+    # report its parent's peak whenever that is higher
+    peak = _status_mb("VmHWM")
+    print(json.dumps({"baseline_mb": base, "peak_mb": peak}))
+
+
+def measure(model: str, variant: str, checkpoint: "Path | None", batch: int, steps: int, threads: int) -> dict:
+    """Run the measurement in a child process and return its JSON (or ``{'error': ...}``)."""
+    cmd = [sys.executable, "-m", "lowbit.bench.memory", model, variant] + ([str(checkpoint)] if checkpoint else [])
+    cmd += ["--batch", str(batch), "--steps", str(steps), "--threads", str(threads)]
+    r = subprocess.run(cmd, capture_output=True, text=True)
+    lines = [ln for ln in r.stdout.splitlines() if ln.startswith("{")]
+    if r.returncode != 0 or not lines:
+        return {"error": (r.stderr.strip().splitlines() or ["no output"])[-1][:200]}
+    return json.loads(lines[-1])
+
+
+if __name__ == "__main__":
+    _main()

@@ -1,0 +1,195 @@
+"""``lowbit bench``: end-to-end sampling speed, memory and accuracy of every variant, in one run.
+
+For each model (the bundled Fashion-MNIST UNet, and a random SD-like UNet with 128/256/512
+channels) the benchmark
+
+1. records calibration inputs along the FP32 model's DDIM trajectory;
+2. builds the variants (:mod:`.variants`): FP32, BF16, FP32 + ``torch.compile``, each lowbit
+   recipe loaded from its packed checkpoint (eager and compiled), and the peers;
+3. times full DDIM sampling of one batch, all variants interleaved within each repeat (so drift
+   and background load hit every variant alike), and reports medians and ratios to FP32 eager;
+4. scores each variant's final images against FP32's from the same initial noise (SQNR, dB);
+5. measures peak RSS of the eager variants in fresh processes (:mod:`.memory`).
+
+It writes a Markdown report (default ``docs/performance.md``) and prints it.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import statistics
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+from torch import nn
+
+from ..evaluate.sampling import sample, trajectory_inputs
+from ..nn import sqnr_db
+from .memory import measure
+from .variants import Variant, build_variants, default_workdir
+
+__all__ = ["MODELS", "ModelSpec", "bench"]
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """A benchmark model: ``build()`` the architecture (works under the meta device),
+    ``load()`` the float model, its scheduler config, image shape and benchmark batch."""
+
+    build: Callable[[], nn.Module]
+    load: Callable[[], nn.Module]
+    scheduler: dict
+    shape: tuple[int, int, int]
+    batch: int
+    description: str
+
+
+def _bundled() -> ModelSpec:
+    from ..zoo.fmnist_unet import FMNIST_SCHEDULER_CONFIG, build_fmnist_unet, load_fmnist_unet
+
+    return ModelSpec(build_fmnist_unet, load_fmnist_unet, FMNIST_SCHEDULER_CONFIG, (1, 28, 28), 64,
+                     "bundled Fashion-MNIST UNet (1.54M params, 1×28×28, channels 24/48/96)")
+
+
+def _sdlike() -> ModelSpec:
+    from ..zoo.sdlike_unet import SDLIKE_SCHEDULER_CONFIG, build_sdlike_unet
+
+    return ModelSpec(build_sdlike_unet, build_sdlike_unet, SDLIKE_SCHEDULER_CONFIG, (4, 32, 32), 4,
+                     "SD-like UNet (64.1M params, random weights, 4×32×32 latents, channels 128/256/512)")
+
+
+class _Models(dict):
+    """Model name -> ModelSpec, built lazily (importing diffusers models is not free)."""
+
+    _makers = {"bundled": _bundled, "sdlike": _sdlike}
+
+    def __missing__(self, key: str) -> ModelSpec:
+        if key not in self._makers:
+            raise KeyError(f"unknown benchmark model {key!r}: use one of {', '.join(self._makers)}")
+        self[key] = self._makers[key]()
+        return self[key]
+
+
+MODELS = _Models()
+
+
+class _Fn(nn.Module):
+    def __init__(self, fn) -> None:
+        super().__init__()
+        self.fn = fn
+
+    def forward(self, x, t):
+        return self.fn(x, t)
+
+
+def _sample(v: Variant, spec: ModelSpec, steps: int, seed: int = 0) -> torch.Tensor:
+    return sample(_Fn(v.fn), spec.scheduler, n=spec.batch, batch_size=spec.batch, steps=steps, seed=seed,
+                  shape=spec.shape, progress=False)
+
+
+def bench_model(name: str, recipes: tuple[str, ...], peers: tuple[str, ...], steps: int, repeats: int,
+                threads: int, memory: bool, log=print) -> dict:
+    """Benchmark one model; returns a dict of rows for the report."""
+    spec = MODELS[name]
+    log(f"{name}: {spec.description}; batch {spec.batch}, DDIM {steps} steps")
+    fp = spec.load()
+    calib = trajectory_inputs(fp, spec.scheduler, n=spec.batch, steps=steps, progress=False)
+    workdir = default_workdir()
+    variants = build_variants(spec.load, spec.build, calib, recipes, peers, workdir, log=log)
+    images, times, first = {}, {v.name: [] for v in variants}, {}
+    for v in variants:  # untimed first run (compiles where compiled); its images give the SQNR
+        t0 = time.perf_counter()
+        images[v.name] = _sample(v, spec, steps)
+        first[v.name] = time.perf_counter() - t0
+    for r in range(repeats):
+        for v in variants:
+            t0 = time.perf_counter()
+            _sample(v, spec, steps)
+            times[v.name].append(time.perf_counter() - t0)
+        log(f"  repeat {r + 1}/{repeats} done")
+    base = statistics.median(times["fp32"])
+    rows = []
+    for v in variants:
+        med = statistics.median(times[v.name])
+        row = dict(name=v.name, seconds=med, images_per_s=spec.batch / med, speedup=base / med,
+                   sqnr_db=sqnr_db(images["fp32"], images[v.name]) if v.name != "fp32" else None,
+                   checkpoint_bytes=v.checkpoint_bytes, paths=v.paths, build_seconds=v.build_seconds,
+                   first_seconds=first[v.name])
+        if memory and v.name in ("fp32", "bf16") or (memory and v.checkpoint and not v.name.endswith("compile")):
+            variant = v.name.split()[-1]
+            row["memory"] = measure(name, variant, v.checkpoint, spec.batch, 2, threads)
+        rows.append(row)
+    return dict(model=name, description=spec.description, batch=spec.batch, steps=steps, repeats=repeats, rows=rows)
+
+
+def _fmt_paths(paths: dict) -> str:
+    return ", ".join(f"{k}: {n}" if len(paths) > 1 or n > 1 else k for k, n in paths.items())
+
+
+def markdown(results: list[dict], command: str, threads: int) -> str:
+    """The report: one table per model, ratios to FP32 eager from the same run."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    out = ["# Performance", "",
+           f"Generated by `{command}` (torch {torch.__version__}, {cpu}, {threads} thread(s),"
+           f" {os.cpu_count()} logical CPUs). Ratios are to FP32 eager *in the same run*; all variants of a model"
+           " are interleaved within each repeat and the medians reported. SQNR compares each variant's final"
+           " images with FP32's from the same initial noise. 'build s' is quantize + save + load (or quantize +"
+           " calibrate for peers); 'first run s' is the untimed first sampling run, which includes"
+           " torch.compile's compilation for compiled variants. Peak RSS is measured in a fresh process per eager"
+           " variant (loading, then sampling one batch for 2 steps); the 'above baseline' column subtracts the"
+           " RSS of the interpreter with torch and diffusers imported, which every variant pays.", ""]
+    for res in results:
+        out += [f"## {res['model']}: {res['description']}", "",
+                f"Batch {res['batch']}, DDIM {res['steps']} steps, {res['repeats']} timed repeats.", "",
+                "| variant | s / batch | images/s | × FP32 | SQNR vs FP32 (dB) | checkpoint B (× fp32) |"
+                " peak RSS MB | RSS above baseline MB (× FP32) | compute paths | build s | first run s |",
+                "|---|---|---|---|---|---|---|---|---|---|---|"]
+        fp_bytes = res["rows"][0]["checkpoint_bytes"]
+        fp_mem = res["rows"][0].get("memory", {})
+        fp_above = fp_mem.get("peak_mb", 0) - fp_mem.get("baseline_mb", 0) if "peak_mb" in fp_mem else None
+        for r in res["rows"]:
+            ck = "–" if r["checkpoint_bytes"] is None else f"{r['checkpoint_bytes']:,} ({r['checkpoint_bytes'] / fp_bytes:.3f})"
+            m = r.get("memory")
+            if m is None:
+                peak = above = "–"
+            elif "error" in m:
+                peak, above = "error", m["error"]
+            else:
+                a = m["peak_mb"] - m["baseline_mb"]
+                peak = f"{m['peak_mb']:.0f}"
+                above = f"{a:.0f}" + (f" ({a / fp_above:.2f})" if fp_above else "")
+            sq = "–" if r["sqnr_db"] is None else f"{r['sqnr_db']:.1f}"
+            out.append(f"| {r['name']} | {r['seconds']:.3f} | {r['images_per_s']:.1f} | {r['speedup']:.2f} | {sq} |"
+                       f" {ck} | {peak} | {above} | {_fmt_paths(r['paths'])} | {r['build_seconds']:.0f} |"
+                       f" {r['first_seconds']:.1f} |")
+        out.append("")
+    return "\n".join(out) + "\n"
+
+
+def bench(models: tuple[str, ...] = ("bundled", "sdlike"), recipes: tuple[str, ...] = ("w8a8", "w4a8", "fp8"),
+          peers: tuple[str, ...] = ("pt2e", "quanto"), steps: int = 10, repeats: int = 3, threads: int | None = None,
+          memory: bool = True, out: "str | Path | None" = "docs/performance.md", command: str = "lowbit bench",
+          log=print) -> list[dict]:
+    """Run the benchmark and write the Markdown report to ``out`` (``None``: don't write)."""
+    threads = threads or torch.get_num_threads()
+    torch.set_num_threads(threads)
+    results = [bench_model(m, recipes, peers, steps, repeats, threads, memory, log) for m in models]
+    text = markdown(results, command, threads)
+    if out is not None:
+        from ..io import atomic_write
+
+        atomic_write(Path(out), text.encode())
+        log(f"wrote {out}")
+    log(text)
+    return results

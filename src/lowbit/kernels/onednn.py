@@ -1,0 +1,229 @@
+"""Native W8A8 Conv2d and Linear on CPU through oneDNN's integer primitives.
+
+PyTorch ships oneDNN's int8 convolution and matmul as plain-tensor operators
+(``torch.ops.onednn.qconv2d_pointwise`` / ``qlinear_pointwise`` with their ``*_prepack``
+companions); they are what PyTorch's own PT2E ``X86InductorQuantizer`` lowers to, and on the
+measured Zen4 CPU they run 8–10× faster than the fp32 convolution they replace (``DESIGN.md``).
+We call them on ordinary uint8/int8 tensors — never PyTorch's deprecated quantized tensors — with
+
+* activations: uint8 codes with a per-tensor scale ``s_x`` and zero-point ``z_x``. lowbit's
+  activation quantizers may be any INT format up to 8 bits (uint8, int8, uint4, ...); every one
+  maps onto uint8 codes exactly (signed codes are shifted by 128 together with their zero-point),
+  so the kernel computes the same integers as the simulated layer;
+* weights: int8 codes, symmetric, one scale per output channel (int4 codes are widened to int8 —
+  the values are unchanged — which is how W4A8 runs: packed int4 on disk, int8 in memory);
+* the epilogue ``acc · s_x · s_w[c] + bias[c]`` fused inside oneDNN, output float32 (or bf16
+  when the model runs bf16 activations between its quantized layers).
+
+The activation quantization ``clamp(round(x · (1/s_x)), lo − z, hi − z) + z`` is the same
+arithmetic as :func:`lowbit.quantizer.quant_dequant`. In eager PyTorch it costs four passes over
+the tensor — more than the int8 convolution itself — so it runs as one ``torch.compile``-d kernel
+when a C++ compiler is available (it is also fused into the preceding GroupNorm/SiLU when the
+whole model is compiled). ``LOWBIT_COMPILE_QUANT=0`` turns that off.
+"""
+
+from __future__ import annotations
+
+import functools
+import itertools
+import os
+import weakref
+
+import torch
+
+from ..errors import FormatError
+
+__all__ = ["Int8Conv2dKernel", "Int8LinearKernel", "available", "disable_compiled_helpers", "quantize_u8",
+           "use_compiled_helpers"]
+
+_NO_POSTOP: list = []
+
+# Kernels by id, for the two custom operators below. ``torch.compile`` treats each operator as an
+# opaque call (inductor would otherwise insist on lowering oneDNN's ops itself, which needs the
+# prepacked weight frozen into the graph as a constant) while still fusing the activation
+# quantization into whatever elementwise work precedes it (GroupNorm, SiLU).
+_REGISTRY: "weakref.WeakValueDictionary[int, object]" = weakref.WeakValueDictionary()
+_IDS = itertools.count()
+
+
+def _register(kernel) -> int:
+    kid = next(_IDS)
+    _REGISTRY[kid] = kernel
+    return kid
+
+
+@torch.library.custom_op("lowbit::onednn_qconv2d", mutates_args=())
+def _qconv2d_op(codes: torch.Tensor, kid: int) -> torch.Tensor:
+    return _REGISTRY[kid].run(codes)
+
+
+@_qconv2d_op.register_fake
+def _(codes: torch.Tensor, kid: int) -> torch.Tensor:
+    return _REGISTRY[kid].fake(codes)
+
+
+@torch.library.custom_op("lowbit::onednn_qlinear", mutates_args=())
+def _qlinear_op(codes: torch.Tensor, kid: int) -> torch.Tensor:
+    return _REGISTRY[kid].run(codes)
+
+
+@_qlinear_op.register_fake
+def _(codes: torch.Tensor, kid: int) -> torch.Tensor:
+    return _REGISTRY[kid].fake(codes)
+
+
+@functools.lru_cache(maxsize=1)
+def available() -> bool:
+    """True if this PyTorch build has oneDNN's int8 conv/linear operators and the CPU runs them."""
+    try:
+        ops = torch.ops.onednn
+        _ = (ops.qconv2d_pointwise, ops.qconv_prepack, ops.qlinear_pointwise, ops.qlinear_prepack)
+    except (AttributeError, RuntimeError):
+        return False
+    return torch.backends.mkldnn.is_available() and torch.backends.cpu.get_cpu_capability() != "DEFAULT"
+
+
+def _quantize_eager(x: torch.Tensor, params: torch.Tensor) -> torch.Tensor:
+    # params = [1/s, lo, hi, zero] as a float32 tensor: as tensor *inputs* one compiled kernel
+    # serves every layer (Python floats would be specialised, one recompile per layer).
+    # Clamp before rounding (as quant_dequant does): the same codes, and no overflow for huge x.
+    # x.float(): a bf16 input times a 0-dim float32 tensor would stay bf16 and round x·(1/s) early
+    inv_scale, lo, hi, zero = params[0], params[1], params[2], params[3]
+    return (torch.clamp(x.float() * inv_scale, lo, hi).round_() + zero).to(torch.uint8)
+
+
+@functools.lru_cache(maxsize=1)
+def _quantize_compiled():
+    return torch.compile(_quantize_eager, dynamic=True)
+
+
+def quantize_u8(x: torch.Tensor, params: torch.Tensor, compiled: bool | None = None) -> torch.Tensor:
+    """uint8 activation codes ``clamp(x · inv_scale, lo, hi).round() + zero`` where ``params`` is
+    the float32 tensor ``[inv_scale, lo, hi, zero]``; ``lo``/``hi`` are the format bounds minus
+    the zero-point (so ``lo + zero >= 0`` and ``hi + zero <= 255``). ``compiled=None`` uses the compiled kernel unless the environment
+    variable ``LOWBIT_COMPILE_QUANT`` is ``0``. Codes are identical either way (tested)."""
+    if compiled is None:
+        compiled = use_compiled_helpers()
+    if compiled and not torch.compiler.is_compiling():
+        try:
+            return _quantize_compiled()(x, params)
+        except Exception:  # no C++ compiler, unsupported platform: the eager path is exact too
+            disable_compiled_helpers()
+    return _quantize_eager(x, params)
+
+
+def use_compiled_helpers() -> bool:
+    """Whether eager kernels quantize activations with a compiled helper (one fused pass instead
+    of four): yes unless ``LOWBIT_COMPILE_QUANT=0``, and never inside a compiled graph (there the
+    whole graph is fused anyway)."""
+    return os.environ.get("LOWBIT_COMPILE_QUANT", "1") != "0" and not torch.compiler.is_compiling()
+
+
+def disable_compiled_helpers() -> None:
+    """Turn the compiled helpers off for this process (after a compilation failure)."""
+    os.environ["LOWBIT_COMPILE_QUANT"] = "0"
+
+
+class _ActCodes:
+    """How an activation quantizer's codes map onto oneDNN's uint8 input."""
+
+    def __init__(self, fmt, scale: float, zero: float) -> None:
+        if fmt.kind != "int" or fmt.bits > 8:
+            raise FormatError(f"native int8 needs an INT activation format of at most 8 bits, got {fmt.name}")
+        offset = 128 if fmt.signed else 0  # signed codes [-128, 127] -> uint8 [0, 255]
+        self.scale = float(scale)
+        self.inv_scale = float(1.0 / torch.tensor(scale, dtype=torch.float32))  # as Quantizer does
+        self.lo = float(fmt.min_value - zero)
+        self.hi = float(fmt.max_value - zero)
+        self.zero = int(zero) + offset
+        if not (0 <= self.zero + self.lo and self.zero + self.hi <= 255):
+            raise FormatError(f"activation zero-point {zero} puts codes outside uint8")
+        self.params = torch.tensor([self.inv_scale, self.lo, self.hi, self.zero], dtype=torch.float32)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return quantize_u8(x, self.params)
+
+
+def _check_weight(codes: torch.Tensor, w_scale: torch.Tensor) -> torch.Tensor:
+    if codes.dtype != torch.int8:
+        raise FormatError(f"weight codes must be int8 values, got {codes.dtype}")
+    return w_scale.reshape(-1).float().contiguous()
+
+
+class Int8Conv2dKernel:
+    """W8A8 ``conv2d`` on oneDNN; call it with the float input, get the float32 output.
+
+    ``w_int8`` holds the integer weight values ``[O, I/groups, kh, kw]``, ``w_scale`` ``[O]``,
+    ``act_fmt``/``act_scale``/``act_zero`` the input quantizer. Zero padding only (the layer pads
+    other modes itself)."""
+
+    path = "native int8 (oneDNN)"
+
+    def __init__(self, w_int8: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None,
+                 act_fmt, act_scale: float, act_zero: float, stride, padding, dilation, groups: int,
+                 out_dtype: torch.dtype = torch.float32) -> None:
+        self.out_dtype = out_dtype
+        self.w_scale = _check_weight(w_int8, w_scale)
+        self.act = _ActCodes(act_fmt, act_scale, act_zero)
+        self.bias = None if bias is None else bias.detach().float().contiguous()
+        self.args = (list(stride), list(padding), list(dilation), int(groups))
+        self.w_zero = torch.zeros(w_int8.shape[0], dtype=torch.int64)
+        self.out_channels, self.kernel_size = w_int8.shape[0], tuple(w_int8.shape[2:])
+        self.packed = torch.ops.onednn.qconv_prepack(w_int8, self.w_scale, self.act.scale, self.act.zero,
+                                                     *self.args, None)
+        self.kid = _register(self)
+
+    def run(self, codes: torch.Tensor) -> torch.Tensor:
+        """The oneDNN call on uint8 codes (any layout; oneDNN wants NHWC, converting the codes
+        is 4× cheaper than converting the float input)."""
+        q = codes.contiguous(memory_format=torch.channels_last)
+        return torch.ops.onednn.qconv2d_pointwise(q, self.act.scale, self.act.zero, self.packed, self.w_scale,
+                                                   self.w_zero, self.bias, *self.args, 1.0, 0, self.out_dtype,
+                                                   "none", _NO_POSTOP, "")
+
+    def fake(self, codes: torch.Tensor) -> torch.Tensor:
+        """Output shape/layout of :meth:`run` (for ``torch.compile``)."""
+        n, _, h, w = codes.shape
+        (sh, sw), (ph, pw), (dh, dw), _ = self.args
+        kh, kw = self.kernel_size
+        ho = (h + 2 * ph - dh * (kh - 1) - 1) // sh + 1
+        wo = (w + 2 * pw - dw * (kw - 1) - 1) // sw + 1
+        return torch.empty((n, self.out_channels, ho, wo), dtype=self.out_dtype, device=codes.device,
+                           memory_format=torch.channels_last)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        y = _qconv2d_op(self.act(x), self.kid)
+        return y if x.dtype == self.out_dtype else y.to(x.dtype)
+
+
+class Int8LinearKernel:
+    """W8A8 ``linear`` on oneDNN (``w_int8`` ``[N, K]`` integer values, ``w_scale`` ``[N]``)."""
+
+    path = "native int8 (oneDNN)"
+
+    def __init__(self, w_int8: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None,
+                 act_fmt, act_scale: float, act_zero: float, out_dtype: torch.dtype = torch.float32) -> None:
+        self.out_dtype = out_dtype
+        self.w_scale = _check_weight(w_int8, w_scale)
+        self.act = _ActCodes(act_fmt, act_scale, act_zero)
+        self.bias = None if bias is None else bias.detach().float().contiguous()
+        self.out_features, self.in_features = w_int8.shape
+        self.w_zero = torch.zeros(self.out_features, dtype=torch.int64)
+        self.packed = torch.ops.onednn.qlinear_prepack(w_int8, None)
+        self.kid = _register(self)
+
+    def run(self, codes: torch.Tensor) -> torch.Tensor:
+        """The oneDNN call on 2-D uint8 codes ``[M, K]``."""
+        return torch.ops.onednn.qlinear_pointwise(codes.contiguous(), self.act.scale, self.act.zero, self.packed,
+                                                   self.w_scale, self.w_zero, self.bias, 1.0, 0, self.out_dtype,
+                                                   "none", _NO_POSTOP, "")
+
+    def fake(self, codes: torch.Tensor) -> torch.Tensor:
+        """Output shape of :meth:`run` (for ``torch.compile``)."""
+        return codes.new_empty((codes.shape[0], self.out_features), dtype=self.out_dtype)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        lead = x.shape[:-1]
+        y = _qlinear_op(self.act(x.reshape(-1, self.in_features)), self.kid)
+        y = y.reshape(*lead, self.out_features)
+        return y if x.dtype == self.out_dtype else y.to(x.dtype)

@@ -1,0 +1,161 @@
+"""Choosing and installing the compute path of each quantized layer (``set_compute``).
+
+A quantized layer can run three ways; its report row says which one it runs:
+
+``native int8``  integer GEMM/convolution: oneDNN on CPU (:mod:`.onednn`), ``torch._int_mm`` for
+                 Linear on CUDA (:mod:`.int_mm`). Needs INT weights of ≤ 8 bits with symmetric
+                 tensor/channel scales and a calibrated per-tensor INT activation quantizer.
+``bf16``         exact unscaled operands in bf16, scales in float32 (:mod:`.bf16`): minifloat
+                 formats (FP8, FP6, FP4) and weight-only layers, and INT convolutions on CUDA.
+``emulated``     dequantize, then float32 (:mod:`lowbit.nn`): everything else — group-wise scales,
+                 formats with more than 8 significant bits, and tiny layers.
+
+``path="auto"`` picks the first that applies, per layer, from the formats, the device and the
+layer's shape; ``"int8"``, ``"bf16"`` or ``"emulated"`` forces a path wherever it applies (layers
+it cannot run stay emulated, and say so). Kernels snapshot the layer's codes and scales: call
+:func:`set_compute` after calibration, and again (or with ``"emulated"``) after changing them.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..errors import PlanError
+from . import onednn
+from .bf16 import Bf16Kernel, exact_in_bf16
+from .int_mm import IntMMLinearKernel
+
+__all__ = ["PATHS", "choose_path", "set_compute"]
+
+PATHS = ("auto", "int8", "bf16", "emulated")
+
+# Below this reduction length an int8 kernel has too little work to amortise the activation
+# quantization: the 1-channel conv_in, the 3-channel RGB stem, tiny embeddings.
+_MIN_REDUCTION = 16
+
+
+def _reduction(layer) -> int:
+    shape = layer.weight_shape
+    return int(torch.Size(shape[1:]).numel())
+
+
+def _weight_ok(wq) -> bool:
+    return (wq.enabled and wq.granularity.kind in ("tensor", "channel")
+            and bool(torch.all(wq.zero == 0)))
+
+
+def _int8_ok(layer, device: torch.device) -> bool:
+    wq, aq = layer.weight_quant, layer.input_quant
+    if not (_weight_ok(wq) and wq.fmt.kind == "int" and wq.fmt.bits <= 8):
+        return False
+    if not (aq.enabled and aq.fmt.kind == "int" and aq.fmt.bits <= 8 and aq.granularity.kind == "tensor"
+            and bool(aq.calibrated)):
+        return False
+    if _reduction(layer) < _MIN_REDUCTION:
+        return False
+    if device.type == "cpu":
+        return onednn.available()
+    if device.type == "cuda":  # _int_mm: Linear only, uint8 activations
+        return type(layer).__name__ == "QuantLinear" and aq.fmt.name == "uint8"
+    return False
+
+
+def _bf16_ok(layer) -> bool:
+    wq, aq = layer.weight_quant, layer.input_quant
+    if not (_weight_ok(wq) and exact_in_bf16(wq.fmt)):
+        return False
+    return not aq.enabled or (aq.granularity.kind == "tensor" and exact_in_bf16(aq.fmt) and bool(aq.calibrated))
+
+
+def choose_path(layer, requested: str = "auto", device: "torch.device | None" = None) -> str:
+    """The path ``layer`` (a QuantLinear/QuantConv2d) will run for ``requested``."""
+    if requested not in PATHS:
+        raise PlanError(f"unknown compute path {requested!r}: use one of {', '.join(PATHS)}")
+    device = device or layer.weight_quant.scale.device
+    if requested == "emulated":
+        return "emulated"
+    if requested in ("auto", "int8") and _int8_ok(layer, device):
+        return "int8"
+    if requested in ("auto", "bf16") and _bf16_ok(layer):
+        return "bf16"
+    return "emulated"
+
+
+def _weight_values(layer) -> torch.Tensor:
+    """Unscaled integer/minifloat values of the weight, ``decode(codes) − zero``."""
+    wq = layer.weight_quant
+    codes = layer.weight_codes_now()
+    vals = wq.fmt.decode(codes).reshape(wq.scale_shape[0], -1) - wq.zero.reshape(-1, 1)
+    return vals.reshape(layer.weight_shape)
+
+
+def _conv_args(layer) -> tuple:
+    padding = layer.padding if layer.padding_mode == "zeros" else (0, 0)
+    return (tuple(layer.stride), tuple(padding), tuple(layer.dilation), int(layer.groups))
+
+
+def _build(layer, path: str, dtype: torch.dtype):
+    wq, aq = layer.weight_quant, layer.input_quant
+    w_scale = wq.scale.detach().reshape(-1).float().expand(layer.weight_shape[0]).contiguous()
+    vals = _weight_values(layer)
+    is_conv = type(layer).__name__ == "QuantConv2d"
+    act = (aq.fmt, float(aq.scale.detach().reshape(-1)[0]), float(aq.zero.reshape(-1)[0])) if aq.enabled else None
+    bias = None if layer.bias is None else layer.bias.detach()
+    if path == "bf16":
+        return Bf16Kernel(vals, w_scale, bias, act, _conv_args(layer) if is_conv else None)
+    w_int8 = vals.to(torch.int8)
+    if layer.weight_quant.scale.device.type == "cuda":
+        return IntMMLinearKernel(w_int8, w_scale, bias, act[1], int(act[2]))
+    if is_conv:
+        return onednn.Int8Conv2dKernel(w_int8.cpu(), w_scale, bias, *act, *_conv_args(layer), out_dtype=dtype)
+    return onednn.Int8LinearKernel(w_int8.cpu(), w_scale, bias, *act, out_dtype=dtype)
+
+
+def _cast_float_tensors(model: nn.Module, dtype: torch.dtype) -> None:
+    """Cast every floating parameter and buffer to ``dtype`` — except the quantizers' scales and
+    zero-points, which must stay exactly as calibrated."""
+    from ..quantizer import Quantizer
+
+    for m in model.modules():
+        if isinstance(m, Quantizer):
+            continue
+        for name, p in list(m.named_parameters(recurse=False)):
+            if p.is_floating_point():
+                setattr(m, name, nn.Parameter(p.detach().to(dtype), requires_grad=p.requires_grad))
+        for name, b in list(m.named_buffers(recurse=False)):
+            if b is not None and b.is_floating_point():
+                m._buffers[name] = b.to(dtype)
+
+
+@torch.no_grad()
+def set_compute(model: nn.Module, path: str = "auto", *, release_codes: bool = False,
+                dtype: torch.dtype = torch.float32) -> dict[str, str]:
+    """Install the compute path of every quantized Linear/Conv2d in ``model``; returns
+    ``{layer name: path}``. ``release_codes=True`` drops each natively-run layer's code buffer
+    (the kernel keeps its own int8/bf16 copy), so weights are held once — for inference-only
+    models; such a model can no longer be saved (load it again with ``compute="emulated"``).
+
+    ``dtype=torch.bfloat16`` also runs everything *between* the quantized layers (GroupNorm,
+    SiLU, attention softmax, residual adds, the layers a plan leaves in float) in bf16, with the
+    kernels writing bf16: on CPUs with AVX-512 BF16/AMX that halves the memory traffic of the
+    elementwise work that dominates once the convolutions are int8. Feed the model bf16 inputs.
+    Quantizer scales stay float32; the cost is bf16 rounding of the activations (report it)."""
+    from ..nn import QuantWeightLayer  # nn imports kernels lazily too; avoid the cycle
+
+    if path not in PATHS:
+        raise PlanError(f"unknown compute path {path!r}: use one of {', '.join(PATHS)}")
+    if dtype not in (torch.float32, torch.bfloat16):
+        raise PlanError(f"compute dtype must be torch.float32 or torch.bfloat16, got {dtype}")
+    chosen: dict[str, str] = {}
+    for name, layer in model.named_modules():
+        if not isinstance(layer, QuantWeightLayer):
+            continue
+        p = choose_path(layer, path)
+        layer.kernel = None if p == "emulated" else _build(layer, p, dtype)
+        chosen[name] = layer.compute_path
+        if release_codes and layer.kernel is not None and layer.stored:
+            layer.release_codes()
+    if dtype != torch.float32:
+        _cast_float_tensors(model, dtype)
+    return chosen
