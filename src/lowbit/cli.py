@@ -191,7 +191,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--models", nargs="+", default=["bundled", "sdlike"], choices=["bundled", "sdlike"])
     s.add_argument("--recipes", nargs="+", default=["w8a8", "w4a8", "fp8"])
     s.add_argument("--peers", nargs="*", default=["pt2e", "quanto"], choices=["pt2e", "quanto"])
-    s.add_argument("--steps", type=int, default=10, help="DDIM steps per timed sampling run")
+    s.add_argument("--steps", type=int, default=5, help="DDIM steps per timed sampling run")
     s.add_argument("--repeats", type=int, default=3, help="timed repeats (medians are reported)")
     s.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     s.add_argument("--no-memory", action="store_true", help="skip the per-variant peak-RSS processes")

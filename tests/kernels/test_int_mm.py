@@ -1,4 +1,4 @@
-"""lowbit.kernels.int8_cpu: the int8 fast path equals the exact reference, and the reference
+"""lowbit.kernels.int_mm: the int8 fast path equals the exact reference, and the reference
 equals lowbit's emulated (fake-quant + float linear) math."""
 
 import pytest

@@ -1,7 +1,7 @@
 """Peak resident memory of one variant while it samples, measured in a fresh process.
 
 RSS is per process and never goes down, so each variant gets its own interpreter:
-``python -m lowbit.bench.memory MODEL VARIANT [CHECKPOINT]`` builds the model the way a user
+``python -m lowbit.bench.memory MODEL {fp32,bf16} [CHECKPOINT]`` builds the model the way a user
 would (FP32/BF16 from the float weights; lowbit variants by loading the packed checkpoint onto a
 meta-device model, so no fp32 weight is ever allocated), samples one batch, and prints JSON with
 the RSS after imports (the Python + PyTorch baseline every variant pays) and the peak.
@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -28,7 +29,7 @@ def _status_mb(key: str) -> float:
 def _main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(prog="python -m lowbit.bench.memory")
     ap.add_argument("model")
-    ap.add_argument("variant")
+    ap.add_argument("dtype", choices=["fp32", "bf16"], help="activation dtype")
     ap.add_argument("checkpoint", nargs="?")
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--steps", type=int, default=2)
@@ -41,17 +42,15 @@ def _main(argv: list[str] | None = None) -> None:
     from .run import MODELS
 
     torch.set_num_threads(a.threads)
+    dtype = torch.bfloat16 if a.dtype == "bf16" else torch.float32
     spec = MODELS[a.model]
     base = _status_mb("VmRSS")
     if a.checkpoint:
         with torch.device("meta"):
             fresh = spec.build()
-        model = load(a.checkpoint, fresh)
+        model = load(a.checkpoint, fresh, dtype=dtype)
     else:
-        model = spec.load()
-        if a.variant == "bf16":
-            model = model.to(torch.bfloat16)
-    dtype = next(model.parameters()).dtype if any(True for _ in model.parameters()) else torch.float32
+        model = spec.load().to(dtype)
 
     class _Eps(torch.nn.Module):
         def forward(self, x, t):
@@ -65,11 +64,14 @@ def _main(argv: list[str] | None = None) -> None:
     print(json.dumps({"baseline_mb": base, "peak_mb": peak}))
 
 
-def measure(model: str, variant: str, checkpoint: "Path | None", batch: int, steps: int, threads: int) -> dict:
+def measure(model: str, dtype: str, checkpoint: "Path | None", batch: int, steps: int, threads: int) -> dict:
     """Run the measurement in a child process and return its JSON (or ``{'error': ...}``)."""
-    cmd = [sys.executable, "-m", "lowbit.bench.memory", model, variant] + ([str(checkpoint)] if checkpoint else [])
+    cmd = [sys.executable, "-m", "lowbit.bench.memory", model, dtype] + ([str(checkpoint)] if checkpoint else [])
     cmd += ["--batch", str(batch), "--steps", str(steps), "--threads", str(threads)]
-    r = subprocess.run(cmd, capture_output=True, text=True)
+    # eager helpers without torch.compile: inductor's own memory is a one-off compile cost, not
+    # what the model needs to run
+    env = dict(os.environ, LOWBIT_COMPILE_QUANT="0")
+    r = subprocess.run(cmd, capture_output=True, text=True, env=env)
     lines = [ln for ln in r.stdout.splitlines() if ln.startswith("{")]
     if r.returncode != 0 or not lines:
         return {"error": (r.stderr.strip().splitlines() or ["no output"])[-1][:200]}

@@ -37,13 +37,15 @@ class Variant:
     checkpoint_bytes: int | None = None
     paths: dict[str, int] = field(default_factory=dict)  # compute path -> number of layers
     build_seconds: float = 0.0
-    note: str = ""
     checkpoint: Path | None = None
+    dtype: str = "fp32"  # activation dtype, for the memory measurement
 
 
 def _eps(model: nn.Module, dtype: torch.dtype = torch.float32) -> Callable:
     def f(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        out = model(x.to(dtype), t)
+        # t.clone(): the sampler's t is a view into the scheduler's timestep table at a new
+        # storage offset each step, and a compiled model would recompile for every offset
+        out = model(x.to(dtype), t.clone())
         return (out.sample if hasattr(out, "sample") else out).float()
     return f
 
@@ -55,34 +57,40 @@ def _compiled(model: nn.Module, dtype=torch.float32) -> Callable:
 
 def build_variants(float_model: Callable[[], nn.Module], meta_model: Callable[[], nn.Module],
                    calib: list, recipes: tuple[str, ...], peers: tuple[str, ...], workdir: Path,
-                   compile_lowbit: bool = True, log=print) -> list[Variant]:
+                   log=print) -> list[Variant]:
     """All variants for one model. ``float_model()`` builds the FP32 model, ``meta_model()`` the
-    same architecture on the meta device (for loading checkpoints)."""
+    same architecture on the meta device (for loading checkpoints).
+
+    lowbit recipes run with bf16 activations between the quantized layers (``load(...,
+    dtype=torch.bfloat16)``), eager and compiled; the first recipe also runs with float32
+    activations, the configuration whose numerics equal the simulated model's."""
+    from ..nn import quant_layers
+
     fp = float_model()
     fp_bytes = fp32_safetensors_bytes(fp)
+    bf = copy.deepcopy(fp).to(torch.bfloat16)
     out = [Variant("fp32", _eps(fp), fp_bytes, {"fp32": 1}),
-           Variant("bf16", _eps(copy.deepcopy(fp).to(torch.bfloat16), torch.bfloat16), fp_bytes // 2, {"bf16": 1})]
-    tb = time.perf_counter()
-    out.append(Variant("fp32 + compile", _compiled(copy.deepcopy(fp)), fp_bytes, {"fp32": 1},
-                       time.perf_counter() - tb))
-    for r in recipes:
+           Variant("bf16", _eps(bf, torch.bfloat16), fp_bytes // 2, {"bf16": 1}, dtype="bf16"),
+           Variant("fp32 + compile", _compiled(copy.deepcopy(fp)), fp_bytes, {"fp32": 1}),
+           Variant("bf16 + compile", _compiled(copy.deepcopy(bf), torch.bfloat16), fp_bytes // 2, {"bf16": 1})]
+    for i, r in enumerate(recipes):
         tb = time.perf_counter()
         q = quantize(float_model(), r, calib, progress=False)
         path = save(q, Path(workdir) / f"{r}.safetensors")
         del q
-        with torch.device("meta"):
-            fresh = meta_model()
-        loaded = load(path, fresh)  # compute="auto": native kernels, codes released
-        from ..nn import quant_layers  # noqa: PLC0415 (light import; keeps module import cheap)
-
-        paths = Counter(m.compute_path for _, m in quant_layers(loaded) if hasattr(m, "weight_shape"))
         size = path.stat().st_size
-        out.append(Variant(f"lowbit {r}", _eps(loaded), size, dict(paths), time.perf_counter() - tb, checkpoint=path))
-        log(f"  built lowbit {r}: {size:,} B, paths {dict(paths)}")
-        if compile_lowbit:
-            tc = time.perf_counter()
-            out.append(Variant(f"lowbit {r} + compile", _compiled(loaded), size, dict(paths),
-                               time.perf_counter() - tc, checkpoint=path))
+        for dtype in ((torch.float32, torch.bfloat16) if i == 0 else (torch.bfloat16,)):
+            with torch.device("meta"):
+                fresh = meta_model()
+            loaded = load(path, fresh, dtype=dtype)  # compute="auto": native kernels, codes released
+            paths = dict(Counter(m.compute_path for _, m in quant_layers(loaded) if hasattr(m, "weight_shape")))
+            tag = "fp32" if dtype == torch.float32 else "bf16"
+            name = f"lowbit {r}" + (" (fp32 act.)" if tag == "fp32" else "")
+            out.append(Variant(name, _eps(loaded, dtype), size, paths, time.perf_counter() - tb, checkpoint=path,
+                               dtype=tag))
+            log(f"  built {name}: {size:,} B, paths {paths}")
+            if tag == "bf16":
+                out.append(Variant(f"{name} + compile", _compiled(loaded, dtype), size, paths, checkpoint=path))
     for p in peers:
         tb = time.perf_counter()
         try:

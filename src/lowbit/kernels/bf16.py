@@ -11,7 +11,7 @@ Every value of an ExMy format with at most 7 mantissa bits, and every integer of
 is exactly representable in bf16, so the activations are exact and oneDNN accumulates in float32. The
 per-channel weight scale and the activation scale are folded into the bf16 weight, so each layer
 is a single bf16 convolution/GEMM with its bias; that rounds each scaled weight and each output to
-bf16 (relative error ≤ 2⁻⁹, far below any 8-bit format's step). Folding needs one scale per
+bf16 (relative error ≤ 2⁻⁸, far below any 8-bit format's step). Folding needs one scale per
 output channel, so group-wise weights stay emulated.
 
 Weight-only layers (``w4a16``: no activation quantizer) run the same way with the input cast to
@@ -27,16 +27,18 @@ import torch.nn.functional as F
 
 from ..errors import FormatError
 from ..quantizer import FP8_CASTS
-from .onednn import disable_compiled_helpers, use_compiled_helpers
+from .onednn import disable_compiled_helpers, input_key, use_compiled_helpers
 
 __all__ = ["Bf16Kernel", "exact_in_bf16"]
 
 
 def exact_in_bf16(fmt) -> bool:
-    """True if every value of ``fmt`` (unscaled) is a bf16 number."""
+    """True if every value of ``fmt`` (unscaled) is a bf16 number (checked on the value table:
+    mantissa width alone is not enough — a large exponent bias can push values below bf16's range)."""
     if fmt.kind == "int":
         return fmt.bits <= 8  # |v| <= 255 needs 8 significant bits; bf16 has 8
-    return fmt.mbits <= 7 and fmt.ebits <= 8
+    v = fmt.values().float()
+    return bool(torch.equal(v.to(torch.bfloat16).float(), v))
 
 
 def _values_eager(x: torch.Tensor, params: torch.Tensor, fmt) -> torch.Tensor:
@@ -53,7 +55,9 @@ def _values_eager(x: torch.Tensor, params: torch.Tensor, fmt) -> torch.Tensor:
 
 
 @functools.lru_cache(maxsize=None)
-def _values_compiled(fmt):
+def _values_compiled(fmt, key):
+    # one compiled function per format and input kind (dtype, rank, layout): each has its own
+    # small cache, so no mix of inputs can exhaust dynamo's recompile limit
     return torch.compile(functools.partial(_values_eager, fmt=fmt), dynamic=True)
 
 
@@ -71,7 +75,7 @@ class _ActValues:
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if use_compiled_helpers():
             try:
-                return _values_compiled(self.fmt)(x, self.params)
+                return _values_compiled(self.fmt, input_key(x))(x, self.params)
             except Exception:  # no C++ compiler: the eager path computes the same values
                 disable_compiled_helpers()
         return _values_eager(x, self.params, self.fmt)
@@ -81,7 +85,7 @@ class Bf16Kernel:
     """``linear`` or ``conv2d`` in bf16: activations as exact unscaled format values, weights as
     ``bf16(w_q · s_w[c] · s_x)`` — the scales folded into the weight so that the whole layer is
     one bf16 GEMM/convolution with its bias (one rounding of each weight to bf16, relative error
-    ≤ 2⁻⁹, beside the output's; both far below an 8-bit format's step).
+    ≤ 2⁻⁸, beside the output's; both far below an 8-bit format's step).
 
     ``w_values`` are the unscaled weight values ``[O, ...]`` (``decode(codes) − zero``),
     ``w_scale`` ``[O]``; ``act`` is ``(fmt, scale, zero)`` or ``None`` for weight-only layers;

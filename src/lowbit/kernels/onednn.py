@@ -34,7 +34,7 @@ import torch
 from ..errors import FormatError
 
 __all__ = ["Int8Conv2dKernel", "Int8LinearKernel", "available", "disable_compiled_helpers", "quantize_u8",
-           "use_compiled_helpers"]
+           "use_compiled_helpers", "input_key"]
 
 _NO_POSTOP: list = []
 
@@ -92,8 +92,16 @@ def _quantize_eager(x: torch.Tensor, params: torch.Tensor) -> torch.Tensor:
     return (torch.clamp(x.float() * inv_scale, lo, hi).round_() + zero).to(torch.uint8)
 
 
-@functools.lru_cache(maxsize=1)
-def _quantize_compiled():
+def input_key(x: torch.Tensor) -> tuple:
+    """What a compiled helper specialises on besides sizes: dtype, rank and layout."""
+    cl = x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+    return (x.dtype, x.dim(), cl)
+
+
+@functools.lru_cache(maxsize=None)
+def _quantize_compiled(key):
+    # one compiled function per input kind (see input_key): each keeps its own small cache, so a
+    # model mixing float32/bf16, 2-D/4-D and NCHW/NHWC inputs never hits dynamo's recompile limit
     return torch.compile(_quantize_eager, dynamic=True)
 
 
@@ -106,7 +114,7 @@ def quantize_u8(x: torch.Tensor, params: torch.Tensor, compiled: bool | None = N
         compiled = use_compiled_helpers()
     if compiled and not torch.compiler.is_compiling():
         try:
-            return _quantize_compiled()(x, params)
+            return _quantize_compiled(input_key(x))(x, params)
         except Exception:  # no C++ compiler, unsupported platform: the eager path is exact too
             disable_compiled_helpers()
     return _quantize_eager(x, params)
@@ -135,9 +143,7 @@ class _ActCodes:
         self.inv_scale = float(1.0 / torch.tensor(scale, dtype=torch.float32))  # as Quantizer does
         self.lo = float(fmt.min_value - zero)
         self.hi = float(fmt.max_value - zero)
-        self.zero = int(zero) + offset
-        if not (0 <= self.zero + self.lo and self.zero + self.hi <= 255):
-            raise FormatError(f"activation zero-point {zero} puts codes outside uint8")
+        self.zero = int(zero) + offset  # codes = round(clamp(...)) + zero lie in [min, max] + offset ⊂ [0, 255]
         self.params = torch.tensor([self.inv_scale, self.lo, self.hi, self.zero], dtype=torch.float32)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:

@@ -40,14 +40,17 @@ def _reduction(layer) -> int:
     return int(torch.Size(shape[1:]).numel())
 
 
-def _weight_ok(wq) -> bool:
+def _weight_ok(layer) -> bool:
+    wq = layer.weight_quant
+    if type(layer).__name__ == "QuantConv2d" and _numeric_padding(layer) is None:
+        return False
     return (wq.enabled and wq.granularity.kind in ("tensor", "channel")
             and bool(torch.all(wq.zero == 0)))
 
 
 def _int8_ok(layer, device: torch.device) -> bool:
     wq, aq = layer.weight_quant, layer.input_quant
-    if not (_weight_ok(wq) and wq.fmt.kind == "int" and wq.fmt.bits <= 8):
+    if not (_weight_ok(layer) and wq.fmt.kind == "int" and wq.fmt.bits <= 8):
         return False
     if not (aq.enabled and aq.fmt.kind == "int" and aq.fmt.bits <= 8 and aq.granularity.kind == "tensor"
             and bool(aq.calibrated)):
@@ -63,7 +66,7 @@ def _int8_ok(layer, device: torch.device) -> bool:
 
 def _bf16_ok(layer) -> bool:
     wq, aq = layer.weight_quant, layer.input_quant
-    if not (_weight_ok(wq) and exact_in_bf16(wq.fmt)):
+    if not (_weight_ok(layer) and exact_in_bf16(wq.fmt)):
         return False
     return not aq.enabled or (aq.granularity.kind == "tensor" and exact_in_bf16(aq.fmt) and bool(aq.calibrated))
 
@@ -75,6 +78,8 @@ def choose_path(layer, requested: str = "auto", device: "torch.device | None" = 
     device = device or layer.weight_quant.scale.device
     if requested == "emulated":
         return "emulated"
+    if requested == "auto" and _reduction(layer) < _MIN_REDUCTION:
+        return "emulated"  # too little work per output to pay for quantizing the input
     if requested in ("auto", "int8") and _int8_ok(layer, device):
         return "int8"
     if requested in ("auto", "bf16") and _bf16_ok(layer):
@@ -90,9 +95,21 @@ def _weight_values(layer) -> torch.Tensor:
     return vals.reshape(layer.weight_shape)
 
 
+def _numeric_padding(layer) -> tuple[int, int] | None:
+    """The conv's symmetric (pad_h, pad_w), or None if it pads asymmetrically ('same' with an
+    even effective kernel), which the kernels' symmetric padding cannot express."""
+    if layer.padding_mode != "zeros":
+        return (0, 0)  # the layer pads the float input itself
+    if layer.padding == "valid":
+        return (0, 0)
+    if layer.padding == "same":
+        totals = [d * (k - 1) for d, k in zip(layer.dilation, layer.kernel_size)]
+        return None if any(t % 2 for t in totals) else tuple(t // 2 for t in totals)
+    return tuple(layer.padding)
+
+
 def _conv_args(layer) -> tuple:
-    padding = layer.padding if layer.padding_mode == "zeros" else (0, 0)
-    return (tuple(layer.stride), tuple(padding), tuple(layer.dilation), int(layer.groups))
+    return (tuple(layer.stride), _numeric_padding(layer), tuple(layer.dilation), int(layer.groups))
 
 
 def _build(layer, path: str, dtype: torch.dtype):
@@ -147,10 +164,13 @@ def set_compute(model: nn.Module, path: str = "auto", *, release_codes: bool = F
         raise PlanError(f"unknown compute path {path!r}: use one of {', '.join(PATHS)}")
     if dtype not in (torch.float32, torch.bfloat16):
         raise PlanError(f"compute dtype must be torch.float32 or torch.bfloat16, got {dtype}")
+    layers = [(n, m) for n, m in model.named_modules() if isinstance(m, QuantWeightLayer)]
+    released = [n for n, m in layers if m.codes_released]
+    if released:  # the kernels hold the only copy of these weights: rebuilding would lose them
+        raise PlanError(f"{released[0]!r} (and {len(released) - 1} more) released its codes for inference; load"
+                        " the checkpoint again with the compute path you want")
     chosen: dict[str, str] = {}
-    for name, layer in model.named_modules():
-        if not isinstance(layer, QuantWeightLayer):
-            continue
+    for name, layer in layers:
         p = choose_path(layer, path)
         layer.kernel = None if p == "emulated" else _build(layer, p, dtype)
         chosen[name] = layer.compute_path
