@@ -7,7 +7,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: install demo test data clean
+.PHONY: install demo test bench data clean
 
 install: $(STAMP)
 
@@ -23,6 +23,12 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest
+
+# Speed/memory/accuracy benchmark against FP32, BF16 and the peers; writes docs/performance.md.
+# The peers (torchao, optimum-quanto) are an optional extra, installed here only.
+bench: $(STAMP)
+	$(BIN)/python -m pip install -q -e ".[test,bench]"
+	$(BIN)/lowbit bench
 
 # Fashion-MNIST (Debian package) — only needed to train or to regenerate reference statistics;
 # the demo and the tests run from what the repo ships.

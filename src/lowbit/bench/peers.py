@@ -27,7 +27,8 @@ class EpsOnly(nn.Module):
         self.unet = unet
 
     def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        return self.unet(x, t).sample
+        # float timesteps (same embedding): PT2E's observers cannot histogram an int64 tensor
+        return self.unet(x, t.float()).sample
 
 
 def pt2e_int8(model: nn.Module, calib: list[tuple[torch.Tensor, torch.Tensor]]) -> Callable:

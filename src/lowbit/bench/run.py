@@ -78,9 +78,12 @@ MODELS = _Models()
 
 
 class _Fn(nn.Module):
+    """``fn`` as the module the sampler expects. ``fn`` is kept out of the module tree: the
+    sampler's ``.eval()`` must not reach an exported PT2E graph, which refuses train/eval."""
+
     def __init__(self, fn) -> None:
         super().__init__()
-        self.fn = fn
+        self.__dict__["fn"] = fn
 
     def forward(self, x, t):
         return self.fn(x, t)
@@ -97,7 +100,7 @@ def bench_model(name: str, recipes: tuple[str, ...], peers: tuple[str, ...], ste
     spec = MODELS[name]
     log(f"{name}: {spec.description}; batch {spec.batch}, DDIM {steps} steps")
     fp = spec.load()
-    calib = trajectory_inputs(fp, spec.scheduler, n=spec.batch, steps=steps, progress=False)
+    calib = trajectory_inputs(fp, spec.scheduler, n=spec.batch, steps=steps, shape=spec.shape, progress=False)
     workdir = default_workdir()
     variants = build_variants(spec.load, spec.build, calib, recipes, peers, workdir, log=log)
     images, times, first = {}, {v.name: [] for v in variants}, {}
@@ -188,12 +191,14 @@ def bench(models: tuple[str, ...] = ("bundled", "sdlike"), recipes: tuple[str, .
     # back to slow partial compilation. The benchmark compiles up to ~8 variants per model.
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
     torch._dynamo.config.accumulated_recompile_limit = max(torch._dynamo.config.accumulated_recompile_limit, 1024)
-    results = [bench_model(m, recipes, peers, steps, repeats, threads, memory, log) for m in models]
-    text = markdown(results, command, threads)
-    if out is not None:
-        from ..io import atomic_write
+    from ..io import atomic_write
 
-        atomic_write(Path(out), text.encode())
-        log(f"wrote {out}")
-    log(text)
+    results = []
+    for m in models:  # the report is rewritten after each model, so a late failure loses nothing
+        results.append(bench_model(m, recipes, peers, steps, repeats, threads, memory, log))
+        text = markdown(results, command, threads)
+        if out is not None:
+            atomic_write(Path(out), text.encode())
+            log(f"wrote {out}")
+        log(text)
     return results

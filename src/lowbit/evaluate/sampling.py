@@ -81,11 +81,12 @@ def sample(model: nn.Module, scheduler_config: dict, *, n: int, seed: int = 0, s
 
 
 def trajectory_inputs(model: nn.Module, scheduler_config: dict, *, n: int = 128, seed: int = 12345,
-                      sampler: str = "ddim", steps: int = 20, progress: bool = True) -> list[tuple[torch.Tensor, torch.Tensor]]:
+                      sampler: str = "ddim", steps: int = 20, shape: tuple[int, ...] = (1, 28, 28),
+                      progress: bool = True) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """UNet inputs (x_t, t) recorded at every step while the FP ``model`` samples ``n`` images:
     one calibration batch per step. The seed differs from the evaluation seeds on purpose, so
     calibration never sees the evaluation trajectories."""
     batches: list[tuple[torch.Tensor, torch.Tensor]] = []
-    sample(model, scheduler_config, n=n, seed=seed, sampler=sampler, steps=steps, batch_size=n,
+    sample(model, scheduler_config, n=n, seed=seed, sampler=sampler, steps=steps, batch_size=n, shape=shape,
            progress=progress, record=lambda x, t: batches.append((x.clone(), t.clone())), desc="recording calibration inputs")
     return batches

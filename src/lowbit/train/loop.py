@@ -1,21 +1,11 @@
-"""Training of the bundled Fashion-MNIST DDPM (the full-precision model that lowbit quantizes).
+"""The training loop: DDPM ε-prediction with AdamW, EMA, deterministic data order, resumability.
 
-Objective: the "simple" ε-prediction loss of Ho et al. 2020, *Denoising Diffusion Probabilistic
-Models* (arXiv:2006.11239), Algorithm 1: draw t ~ Uniform{0..T-1} and ε ~ N(0, I), form
-x_t = sqrt(ᾱ_t)·x_0 + sqrt(1-ᾱ_t)·ε and minimise ||ε - ε_θ(x_t, t)||².
-
-Everything is saved as safetensors, never pickled: ``out_dir/checkpoint.safetensors`` holds the
-model, its EMA and the AdamW state, with the step and hyperparameters as JSON metadata. It is
-replaced atomically (temp file in the same directory, fsync, ``os.replace``) so a crash or a
-``kill`` never leaves a half-written checkpoint; SIGTERM/SIGINT save one before exiting.
-``out_dir/train_log.jsonl`` gets one JSON line per ``log_every`` steps.
-
-Run: ``lowbit train --out DIR --steps N`` (one thread by default; ``--help`` lists the options).
+Also holds the hyperparameter defaults and why they were chosen; checkpoints are written and
+restored through :mod:`lowbit.train.checkpoint`.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import signal
@@ -27,25 +17,19 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from safetensors import SafetensorError
-from safetensors.torch import load as st_load
-from safetensors.torch import save as st_save
 from tqdm import tqdm
 
 from lowbit.data import load_fashion_mnist, to_model_range
 from lowbit.errors import CheckpointError, LowbitError
-from lowbit.io import atomic_write
 from lowbit.zoo.fmnist_unet import (
     FMNIST_SCHEDULER_CONFIG,
-    FMNIST_UNET_CONFIG,
     build_fmnist_scheduler,
     build_fmnist_unet,
 )
 
-CHECKPOINT_NAME = "checkpoint.safetensors"
+from .checkpoint import CHECKPOINT_NAME, _restore, _write_ema_fp16, save_checkpoint
+
 LOG_NAME = "train_log.jsonl"
-CHECKPOINT_FORMAT = "lowbit-train-checkpoint/1"
-EMA_EXPORT_FORMAT = "lowbit-ema-export/1"
 
 # Defaults chosen for a short CPU budget (tens of thousands of steps, not the 800k of DDPM):
 # - lr 1e-3 (5x the paper's 2e-4): a 1.5M-parameter UNet at batch 64 tolerates it and converges
@@ -88,11 +72,6 @@ def _resolve_precision(precision: str, device: torch.device) -> torch.dtype | No
     return None
 
 
-def _json_config(config: dict[str, Any]) -> str:
-    # Tuples become lists so that a config read back from JSON compares equal.
-    return json.dumps(config, sort_keys=True)
-
-
 def _lr_at(step: int, lr: float, warmup_steps: int) -> float:
     """Linear warmup to ``lr`` over ``warmup_steps``, then constant."""
     if warmup_steps <= 0:
@@ -104,113 +83,6 @@ def _ema_decay_at(num_updates: int, decay: float) -> float:
     # Warm-up of the decay: early on the EMA follows the (random-init-dominated) weights closely
     # instead of averaging them in with weight ~decay for thousands of steps.
     return min(decay, (1 + num_updates) / (10 + num_updates))
-
-
-# --------------------------------------------------------------------------------------------
-# Checkpoint (de)serialisation
-# --------------------------------------------------------------------------------------------
-
-
-def _checkpoint_tensors(
-    model: torch.nn.Module, ema: dict[str, torch.Tensor], optimizer: torch.optim.Optimizer
-) -> dict[str, torch.Tensor]:
-    tensors: dict[str, torch.Tensor] = {}
-    for name, value in model.state_dict().items():
-        tensors[f"model.{name}"] = value.detach().to("cpu", copy=True).contiguous()
-    for name, value in ema.items():
-        tensors[f"ema.{name}"] = value.detach().to("cpu", copy=True).contiguous()
-    # AdamW state keyed by parameter *name* (not index) so that it survives a reordering.
-    for name, param in model.named_parameters():
-        state = optimizer.state.get(param, {})
-        for key, value in state.items():
-            if not torch.is_tensor(value):
-                value = torch.tensor(value)
-            tensors[f"optim.{key}.{name}"] = value.detach().to("cpu", copy=True).contiguous()
-    return tensors
-
-
-def save_checkpoint(
-    path: Path,
-    model: torch.nn.Module,
-    ema: dict[str, torch.Tensor],
-    optimizer: torch.optim.Optimizer,
-    meta: dict[str, Any],
-) -> None:
-    """Atomically write model + EMA + AdamW state + JSON metadata to one safetensors file."""
-    tensors = _checkpoint_tensors(model, ema, optimizer)
-    metadata = {
-        "format": CHECKPOINT_FORMAT,
-        "lowbit": json.dumps(meta, sort_keys=True),
-        "model_config": _json_config(FMNIST_UNET_CONFIG),
-        "scheduler_config": _json_config(FMNIST_SCHEDULER_CONFIG),
-    }
-    atomic_write(path, st_save(tensors, metadata=metadata))
-
-
-def read_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """Read a training checkpoint: (tensors, metadata dict). Raises CheckpointError if unusable."""
-    if not path.is_file():
-        raise CheckpointError(f"no checkpoint at {path}; train first with `lowbit train`")
-    try:
-        # One read, then parse both tensors and header from the same bytes, so a checkpoint
-        # replaced meanwhile by a running training cannot mix two versions.
-        data = path.read_bytes()
-        tensors = st_load(data)
-        header_len = int.from_bytes(data[:8], "little")
-        raw_meta = json.loads(data[8 : 8 + header_len]).get("__metadata__") or {}
-    except (SafetensorError, OSError, ValueError) as exc:
-        raise CheckpointError(
-            f"cannot read checkpoint {path} ({exc}); delete it to restart or restore a copy"
-        ) from None
-    if raw_meta.get("format") != CHECKPOINT_FORMAT:
-        raise CheckpointError(
-            f"{path} is not a lowbit training checkpoint (format {raw_meta.get('format')!r}); "
-            "point at the checkpoint.safetensors written by lowbit.train"
-        )
-    if raw_meta.get("model_config") != _json_config(FMNIST_UNET_CONFIG):
-        raise CheckpointError(
-            f"{path} was trained with a different model config; use a new out_dir for this config"
-        )
-    meta = json.loads(raw_meta["lowbit"])
-    return tensors, meta
-
-
-def _split_prefix(tensors: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
-    return {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
-
-
-def _restore(
-    path: Path,
-    model: torch.nn.Module,
-    ema: dict[str, torch.Tensor],
-    optimizer: torch.optim.Optimizer,
-) -> dict[str, Any]:
-    tensors, meta = read_checkpoint(path)
-    try:
-        model.load_state_dict(_split_prefix(tensors, "model."), strict=True)
-    except RuntimeError as exc:
-        raise CheckpointError(
-            f"{path} does not match the model ({exc}); use a new out_dir"
-        ) from None
-    ema_tensors = _split_prefix(tensors, "ema.")
-    if set(ema_tensors) != set(ema):
-        raise CheckpointError(f"{path} has incomplete EMA weights; delete it to restart training")
-    for name, value in ema.items():
-        value.copy_(ema_tensors[name])
-    # Rebuild the optimizer state dict (param_groups come from the live optimizer, so a changed
-    # lr/betas on the command line applies after resume; the step count and moments are restored).
-    optim_tensors = _split_prefix(tensors, "optim.")
-    name_to_index = {name: i for i, (name, _) in enumerate(model.named_parameters())}
-    state: dict[int, dict[str, torch.Tensor]] = {}
-    for key, value in optim_tensors.items():
-        field, _, pname = key.partition(".")
-        if pname not in name_to_index:
-            raise CheckpointError(f"{path} has optimizer state for unknown parameter {pname!r}")
-        state.setdefault(name_to_index[pname], {})[field] = value
-    sd = optimizer.state_dict()
-    sd["state"] = state
-    optimizer.load_state_dict(sd)
-    return meta
 
 
 # --------------------------------------------------------------------------------------------
@@ -458,90 +330,3 @@ def train(
                 break
     bar.close()
     return ckpt_path
-
-
-# --------------------------------------------------------------------------------------------
-# Export
-# --------------------------------------------------------------------------------------------
-
-
-def _write_ema_fp16(ema: dict[str, torch.Tensor], dest: Path, step: int) -> None:
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tensors = {k: v.detach().to("cpu", torch.float16).contiguous() for k, v in ema.items()}
-    metadata = {
-        "format": EMA_EXPORT_FORMAT,
-        "config": _json_config(FMNIST_UNET_CONFIG),
-        "scheduler_config": _json_config(FMNIST_SCHEDULER_CONFIG),
-        "step": str(step),
-        "dtype": "float16",
-    }
-    atomic_write(dest, st_save(tensors, metadata=metadata))
-
-
-def export_ema(out_dir: str | os.PathLike[str], dest_path: str | os.PathLike[str]) -> Path:
-    """Write the EMA weights of ``out_dir``'s checkpoint as fp16 safetensors.
-
-    Keys are plain ``UNet2DModel`` state-dict names; the metadata holds the model config
-    (``config``, JSON: ``UNet2DModel(**json.loads(meta["config"]))`` rebuilds the model), the
-    scheduler config and the training step. The model has no buffers, so the parameters are the
-    whole state dict.
-    """
-    tensors, meta = read_checkpoint(Path(out_dir) / CHECKPOINT_NAME)
-    ema = _split_prefix(tensors, "ema.")
-    if not ema:
-        raise CheckpointError(f"checkpoint in {out_dir} has no EMA weights; retrain or resume it")
-    dest = Path(dest_path)
-    _write_ema_fp16(ema, dest, int(meta["step"]))
-    return dest
-
-
-def _main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="lowbit train", description=__doc__.split("\n")[0])
-    p.add_argument("--out", required=True, help="run directory")
-    p.add_argument("--steps", type=int, help="total optimizer steps (required to train)")
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--lr", type=float, default=DEFAULT_LR)
-    p.add_argument("--warmup-steps", type=int, default=DEFAULT_WARMUP_STEPS)
-    p.add_argument("--ema-decay", type=float, default=DEFAULT_EMA_DECAY)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default=None)
-    p.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp32"])
-    p.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
-    p.add_argument("--log-every", type=int, default=100)
-    p.add_argument("--ckpt-every", type=int, default=5000)
-    p.add_argument("--ckpt-every-s", type=float, default=600.0)
-    p.add_argument("--snapshot-every", type=int, default=10000)
-    p.add_argument("--no-resume", action="store_true", help="refuse to continue an existing run")
-    p.add_argument("--export-ema", metavar="DEST", help="only export the EMA of --out to DEST")
-    args = p.parse_args(argv)
-    try:
-        if args.export_ema:
-            print(export_ema(args.out, args.export_ema))
-            return 0
-        if args.steps is None:
-            p.error("--steps is required to train")
-        train(
-            args.out,
-            args.steps,
-            batch_size=args.batch_size,
-            lr=args.lr,
-            warmup_steps=args.warmup_steps,
-            ema_decay=args.ema_decay,
-            seed=args.seed,
-            resume=not args.no_resume,
-            device=args.device,
-            precision=args.precision,
-            num_threads=args.threads,
-            log_every=args.log_every,
-            ckpt_every=args.ckpt_every,
-            ckpt_every_s=args.ckpt_every_s,
-            snapshot_every=args.snapshot_every,
-        )
-    except LowbitError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(_main())
