@@ -68,3 +68,24 @@ def test_demo_end_to_end_writes_every_artifact(tmp_path, capsys):
     assert set(res["models"]) == {"fp32", "w8a8"}
     out = capsys.readouterr().out
     assert "| w8a8 |" in out and "FID*" in out
+
+
+def test_seed_spread_combines_single_seed_feature_files(tmp_path):
+    from lowbit.evaluate import metrics as M
+    from lowbit.evaluate.protocol import get_protocol
+    from lowbit.evaluate.run import _save_features, seed_spread
+
+    proto = get_protocol("quick").with_(num_samples=300)
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.randn(300, 128, generator=g), torch.randn(300, 128, generator=g) + 0.5
+    _save_features(tmp_path / "a.safetensors", a, proto, 0)
+    _save_features(tmp_path / "b.safetensors", b, proto, 1)
+    out = seed_spread([tmp_path / "a.safetensors", tmp_path / "b.safetensors"])
+    assert out["seeds"] == [0, 1] and out["num_samples"] == 300
+    assert out["fp_seed_to_seed_fid"] == pytest.approx(M.fid(a, b))
+    assert out["fid"] == pytest.approx(sum(out["fid_per_seed"]) / 2)
+    with pytest.raises(EvaluationError, match="at least two seeds"):
+        seed_spread([tmp_path / "a.safetensors"])
+    _save_features(tmp_path / "c.safetensors", a, proto.with_(steps=5), 2)
+    with pytest.raises(EvaluationError, match="different protocols"):
+        seed_spread([tmp_path / "a.safetensors", tmp_path / "c.safetensors"])

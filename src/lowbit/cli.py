@@ -97,10 +97,16 @@ def _bundled_with(checkpoint: str | None) -> torch.nn.Module:
 
 
 def _cmd_evaluate(args: argparse.Namespace) -> None:
+    import json
+
     from .evaluate.output import markdown_table, write_results
     from .evaluate.protocol import get_protocol
-    from .evaluate.run import evaluate
+    from .evaluate.run import evaluate, seed_spread
     from .zoo.fmnist_unet import FMNIST_SCHEDULER_CONFIG
+
+    if args.seed_spread:
+        print(json.dumps(seed_spread(args.seed_spread), indent=1))
+        return
 
     proto = get_protocol(args.protocol).with_(num_samples=args.samples, steps=args.steps, seeds=args.seeds,
                                               sampler=args.sampler)
@@ -110,7 +116,8 @@ def _cmd_evaluate(args: argparse.Namespace) -> None:
         name = Path(ck).stem
         models[name] = _bundled_with(ck)
         sizes[name] = Path(ck).stat().st_size
-    results = evaluate(models, FMNIST_SCHEDULER_CONFIG, proto, sizes=sizes, progress=not args.quiet)
+    results = evaluate(models, FMNIST_SCHEDULER_CONFIG, proto, sizes=sizes, progress=not args.quiet,
+                       save_features=args.out if args.save_features else None)
     files = write_results(results, args.out)
     print(markdown_table(results))
     print(f"\nwrote {', '.join(str(p) for p in files.values())}")
@@ -176,6 +183,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--sampler", choices=["ddim", "dpm"])
     s.add_argument("--out", default="runs/evaluate")
     s.add_argument("--quiet", action="store_true")
+    s.add_argument("--save-features", action="store_true",
+                   help="also write the FP model's sample features per seed into --out (for --seed-spread)")
+    s.add_argument("--seed-spread", nargs="+", metavar="FEATURES",
+                   help="combine *.features.safetensors of single-seed runs: FID*/P/R per seed, mean ± std, "
+                        "seed-to-seed FID* (no sampling)")
     s.set_defaults(fn=_cmd_evaluate)
     s = sub.add_parser("sample", help="sample images from the bundled model or a quantized checkpoint of it")
     s.add_argument("--checkpoint", help="a lowbit checkpoint of the bundled UNet (default: the FP model)")

@@ -11,7 +11,9 @@ Scores (see docs/evaluation.md):
 
 from __future__ import annotations
 
+import json
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -46,11 +48,14 @@ def split_half_fid(ref_feats: torch.Tensor, n: int, seed: int = 0) -> float:
 
 
 def evaluate(models: dict[str, nn.Module], scheduler_config: dict, protocol: "str | Protocol" = "quick", *,
-             fp_name: str | None = None, sizes: dict[str, int] | None = None, progress: bool = True) -> dict:
+             fp_name: str | None = None, sizes: dict[str, int] | None = None, progress: bool = True,
+             save_features: "str | Path | None" = None) -> dict:
     """Evaluate ``models`` (name → UNet) under ``protocol``; ``fp_name`` (default: the first
     model) is the full-precision reference for FID-to-FP, PSNR and SSIM. ``sizes`` adds
     checkpoint bytes to the results. Returns a JSON-ready dict; grid images are under
-    ``result["_grid"]`` (tensors, not written to JSON)."""
+    ``result["_grid"]`` (tensors, not written to JSON). ``save_features`` (a folder) also writes
+    the FP model's sample features of each seed, so that seeds run in separate processes can be
+    combined by :func:`seed_spread`."""
     proto = get_protocol(protocol)
     if not models:
         raise EvaluationError("no models to evaluate: pass at least the FP model")
@@ -87,6 +92,8 @@ def evaluate(models: dict[str, nn.Module], scheduler_config: dict, protocol: "st
             if name == fp_name:
                 fp_imgs, fp_feats = imgs, feats
                 fp_seed_feats.append(feats)
+                if save_features is not None:
+                    _save_features(Path(save_features) / f"{name}-seed{seed}.features.safetensors", feats, proto, seed)
             else:
                 r.setdefault("fid_to_fp", []).append(M.fid(feats, fp_feats))
                 r.setdefault("psnr", []).append(float(M.psnr(imgs, fp_imgs).clamp(max=100).mean()))
@@ -114,3 +121,52 @@ def evaluate(models: dict[str, nn.Module], scheduler_config: dict, protocol: "st
     results["noise_floor"] = floors
     results["_grid"] = grid
     return results
+
+
+def _save_features(path: Path, feats: torch.Tensor, proto: Protocol, seed: int) -> None:
+    from safetensors.torch import save as st_save
+
+    from ..io import atomic_write
+
+    meta = {"protocol": json.dumps(proto.to_dict()), "seed": str(seed), "feature_space": FEATURE_SPACE}
+    atomic_write(path, st_save({"features": feats.float().contiguous()}, metadata=meta))
+
+
+def seed_spread(paths: "list[str | Path]") -> dict:
+    """Combine FP sample features saved by separate ``evaluate(..., save_features=)`` runs (one
+    seed each, same protocol otherwise): FID*, precision and recall per seed with mean ± std,
+    the seed-to-seed FID* of the first two seeds, and the test split-half floor."""
+    from ..io import read_safetensors
+
+    if len(paths) < 2:
+        raise EvaluationError("seed_spread needs the feature files of at least two seeds")
+    ref = load_reference()
+    ref_feats = ref["features"].float()
+    mu, sigma = ref["mean"].double().numpy(), ref["cov"].double().numpy()
+    runs, protos = [], set()
+    for p in paths:
+        meta, t = read_safetensors(Path(p), "sample features", "re-run lowbit evaluate --save-features")
+        if "features" not in t or "seed" not in meta:
+            raise EvaluationError(f"{p} is not a features file written by lowbit evaluate --save-features")
+        p_meta = json.loads(meta["protocol"])
+        p_meta.pop("seeds", None)
+        protos.add(json.dumps(p_meta, sort_keys=True))
+        runs.append((int(meta["seed"]), t["features"].float()))
+    if len(protos) != 1:
+        raise EvaluationError("the feature files come from different protocols; combine runs of one protocol only")
+    n = len(runs[0][1])
+    real = _real_subset(ref_feats, n)
+    per = {"fid": [], "precision": [], "recall": []}
+    for _, f in runs:
+        per["fid"].append(M.frechet_distance(*M.gaussian_stats(f), mu, sigma))
+        p, r = M.precision_recall(real, f, k=3)
+        per["precision"].append(p)
+        per["recall"].append(r)
+    out = {"seeds": [s for s, _ in runs], "num_samples": n, "protocol": json.loads(protos.pop()),
+           "feature_space": FEATURE_SPACE}
+    for k, v in per.items():
+        out[k + "_per_seed"] = v
+        out[k], out[k + "_std"] = _stats(v)
+    out["fp_seed_to_seed_fid"] = M.fid(runs[0][1], runs[1][1])
+    out["test_split_half_fid"] = split_half_fid(ref_feats, n)
+    return out
