@@ -48,10 +48,18 @@ def pt2e_int8(model: nn.Module, calib: list[tuple[torch.Tensor, torch.Tensor]]) 
         for x, t in calib:
             prepared(x, t)
     converted = convert_pt2e(prepared)
-    compiled = torch.compile(converted)
-    with torch.no_grad(), torch._inductor.config.patch(freezing=True):
-        compiled(x0, t0)  # compile now, with freezing (constant-folds the prepacked weights)
-    return compiled
+    compiled = torch.compile(converted, dynamic=False)
+
+    def run(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        # freezing on for every call, so that any recompilation is frozen too (an unfrozen graph
+        # runs the int8 ops unfused and is no faster than fp32); t.clone() because the sampler's
+        # t is a view at a new storage offset each step, which would force recompiles
+        with torch._inductor.config.patch(freezing=True):
+            return compiled(x, t.clone())
+
+    with torch.no_grad():
+        run(x0, t0)  # compile now
+    return run
 
 
 def quanto_w8a8(model: nn.Module, calib: list[tuple[torch.Tensor, torch.Tensor]]) -> nn.Module:

@@ -1,0 +1,36 @@
+"""lowbit.bench: the report shows what was measured (ratios to FP32 from the same rows) and the
+model registry rejects unknown names clearly. The benchmark itself is run by `lowbit bench`, not
+by the tests (timing in tests is banned)."""
+
+import pytest
+
+from lowbit.bench.run import MODELS, markdown
+
+
+def _row(name, seconds, ckpt, mem=None, sqnr=None):
+    r = dict(name=name, seconds=seconds, images_per_s=4 / seconds, speedup=2.0 / seconds, sqnr_db=sqnr,
+             checkpoint_bytes=ckpt, paths={"fp32": 1}, build_seconds=0.0, first_seconds=seconds)
+    if mem is not None:
+        r["memory"] = mem
+    return r
+
+
+def test_markdown_reports_ratios_and_memory_against_the_fp32_row():
+    rows = [_row("fp32", 2.0, 1000, {"baseline_mb": 100.0, "peak_mb": 300.0}),
+            _row("lowbit w8a8", 0.5, 290, {"baseline_mb": 100.0, "peak_mb": 150.0}, sqnr=31.25),
+            _row("peer", 1.0, None, {"error": "boom"})]
+    text = markdown([dict(model="m", description="d", batch=4, steps=5, repeats=3, rows=rows)], "lowbit bench", 1)
+    line = next(ln for ln in text.splitlines() if ln.startswith("| lowbit w8a8"))
+    cells = [c.strip() for c in line.strip("|").split("|")]
+    assert cells[3] == "4.00"  # 2.0 s / 0.5 s
+    assert cells[4] == "31.2"
+    assert cells[5] == "290 (0.290)"
+    assert cells[7] == "50 (0.25)"  # (150-100) / (300-100)
+    peer = next(ln for ln in text.splitlines() if ln.startswith("| peer"))
+    assert "error" in peer and "boom" in peer
+    assert "`lowbit bench`" in text and "1 thread(s)" in text
+
+
+def test_unknown_model_name_names_the_choices():
+    with pytest.raises(KeyError, match="bundled, sdlike"):
+        MODELS["sd15"]
