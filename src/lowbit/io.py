@@ -236,5 +236,8 @@ def load(path: "str | Path", model: nn.Module, *, compute: str = "auto",
     plan = _json(meta, "plan")
     model.lowbit_plan = Plan.from_dict(plan) if plan else None
     if compute != "emulated":
+        # drop the file's tensors and the unpacked state first: each kernel then replaces its
+        # layer's codes one layer at a time, so peak memory stays near one copy of the weights
+        del tensors, state
         set_compute(model, compute, release_codes=True, dtype=dtype)
     return model.eval()
