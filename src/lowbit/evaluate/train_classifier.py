@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import sys
 import time
 from pathlib import Path
@@ -34,6 +33,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from lowbit._platform import cpu_name
 from lowbit.data import FASHION_MNIST_CLASSES, load_fashion_mnist, to_model_range
 from lowbit.errors import LowbitError
 from lowbit.evaluate.features import (
@@ -72,15 +72,7 @@ def accuracy(logits: torch.Tensor, labels: torch.Tensor) -> tuple[float, list[fl
 
 
 def _hardware(threads: int) -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{cpu}, {os.cpu_count()} cores, torch threads {threads}"
+    return f"{cpu_name()}, {os.cpu_count()} cores, torch threads {threads}"
 
 
 def train(

@@ -38,7 +38,7 @@ __all__ = ["Int8Conv2dKernel", "Int8LinearKernel", "available", "disable_compile
 
 _NO_POSTOP: list = []
 
-# Kernels by id, for the two custom operators below. ``torch.compile`` treats each operator as an
+# Kernels by id, for the custom operator below. ``torch.compile`` treats the operator as an
 # opaque call (inductor would otherwise insist on lowering oneDNN's ops itself, which needs the
 # prepacked weight frozen into the graph as a constant) while still fusing the activation
 # quantization into whatever elementwise work precedes it (GroupNorm, SiLU).
@@ -52,22 +52,13 @@ def _register(kernel) -> int:
     return kid
 
 
-@torch.library.custom_op("lowbit::onednn_qconv2d", mutates_args=())
-def _qconv2d_op(codes: torch.Tensor, kid: int) -> torch.Tensor:
+@torch.library.custom_op("lowbit::onednn_run", mutates_args=())
+def _run_op(codes: torch.Tensor, kid: int) -> torch.Tensor:
+    """One opaque operator for every oneDNN kernel: ``kid`` picks the kernel (conv or linear)."""
     return _REGISTRY[kid].run(codes)
 
 
-@_qconv2d_op.register_fake
-def _(codes: torch.Tensor, kid: int) -> torch.Tensor:
-    return _REGISTRY[kid].fake(codes)
-
-
-@torch.library.custom_op("lowbit::onednn_qlinear", mutates_args=())
-def _qlinear_op(codes: torch.Tensor, kid: int) -> torch.Tensor:
-    return _REGISTRY[kid].run(codes)
-
-
-@_qlinear_op.register_fake
+@_run_op.register_fake
 def _(codes: torch.Tensor, kid: int) -> torch.Tensor:
     return _REGISTRY[kid].fake(codes)
 
@@ -198,7 +189,7 @@ class Int8Conv2dKernel:
                            memory_format=torch.channels_last)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        y = _qconv2d_op(self.act(x), self.kid)
+        y = _run_op(self.act(x), self.kid)
         return y if x.dtype == self.out_dtype else y.to(x.dtype)
 
 
@@ -230,6 +221,6 @@ class Int8LinearKernel:
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         lead = x.shape[:-1]
-        y = _qlinear_op(self.act(x.reshape(-1, self.in_features)), self.kid)
+        y = _run_op(self.act(x.reshape(-1, self.in_features)), self.kid)
         y = y.reshape(*lead, self.out_features)
         return y if x.dtype == self.out_dtype else y.to(x.dtype)
