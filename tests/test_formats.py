@@ -536,3 +536,23 @@ def test_values_have_a_single_positive_zero():
         v = parse(name).values()
         zeros = v[v == 0]
         assert len(zeros) == 1 and not torch.signbit(zeros).any(), name
+
+
+# =========================================================================== the inference fast path
+@pytest.mark.parametrize("name", ALL_NAMES + ["fp8_e4m3_none_b5", "fp4_e2m1_b-1", "fp8_e5m2_fn", "fp6_e3m2_b9"])
+def test_round_clamped_equals_round_in_range(name):
+    """round_clamped (bit-built ulps, used by the fast kernels) equals round on everything inside
+    [min, max]: grid points, exact midpoints between neighbours (ties), their float32 neighbours,
+    signed zeros, tiny values and random data; NaN stays NaN."""
+    fmt = parse(name)
+    grid = fmt.values().float().unique()
+    mids = (grid[1:] + grid[:-1]) / 2
+    near = torch.cat([torch.nextafter(mids, torch.full_like(mids, math.inf)),
+                      torch.nextafter(mids, torch.full_like(mids, -math.inf))])
+    gen = torch.Generator().manual_seed(3)
+    rand = (torch.rand(20_000, generator=gen) * 2 - 1) * fmt.max_value
+    logs = torch.exp2(torch.rand(20_000, generator=gen) * 40 - 30) * torch.sign(torch.randn(20_000, generator=gen))
+    x = torch.cat([grid, mids, near, rand, logs, torch.tensor([0.0, -0.0, 1e-38, -1e-38])])
+    x = x.clamp(fmt.min_value, fmt.max_value)
+    assert np.array_equal(bits32(fmt.round_clamped(x)), bits32(fmt.round(x)))
+    assert torch.isnan(fmt.round_clamped(torch.tensor([math.nan]))).all()

@@ -4,6 +4,7 @@ an independent numpy reference, and errors."""
 from __future__ import annotations
 
 import math
+import os
 import zlib
 
 import numpy as np
@@ -356,11 +357,13 @@ def test_disabled_quantizer_is_identity():
 # =========================================================================== fast inference paths
 @pytest.mark.parametrize("fmt", ["int8", "uint8", "int4", "uint4", "fp8_e4m3", "fp8_e5m2", "fp4_e2m1"])
 @pytest.mark.parametrize("granularity", ["tensor", "channel", "group16"])
-def test_fast_inference_path_is_bit_identical_to_the_reference(fmt, granularity):
-    """Under no_grad, ints use PyTorch's fused fake-quant kernels and default FP8 a float8 cast;
-    both must equal the reference arithmetic (quant_dequant) bit for bit, ties included."""
+def test_fast_inference_path_is_bit_identical_to_the_reference(fmt, granularity, monkeypatch, compiled="0"):
+    """Under no_grad, ints use PyTorch's fused fake-quant kernels and minifloats the bit-built
+    rounding (compiled into one loop for per-tensor scales unless LOWBIT_COMPILE_QUANT=0); all
+    must equal the reference arithmetic (quant_dequant) bit for bit, ties included."""
     from lowbit.quantizer import grouped, quant_dequant
 
+    monkeypatch.setenv("LOWBIT_COMPILE_QUANT", compiled)
     gen = torch.Generator().manual_seed(11)
     x = torch.randn(32, 64, generator=gen) * 2
     q = make_quantizer(fmt, granularity, x)
@@ -373,3 +376,11 @@ def test_fast_inference_path_is_bit_identical_to_the_reference(fmt, granularity)
             fast = q(inp)
         assert torch.equal(fast, ref)
         assert torch.equal(q(inp.clone().requires_grad_(True)).detach(), ref)  # the STE path too
+
+
+@pytest.mark.parametrize("fmt", ["fp8_e4m3", "fp4_e2m1"])
+def test_compiled_fast_path_is_bit_identical_to_the_reference(fmt, monkeypatch):
+    """The compiled helper (per-tensor minifloat activations) computes the same bits."""
+    test_fast_inference_path_is_bit_identical_to_the_reference(fmt, "tensor", monkeypatch, compiled="1")
+    if os.environ["LOWBIT_COMPILE_QUANT"] == "0":  # the helper failed to build and fell back to eager
+        pytest.skip("torch.compile cannot build here (no C++ compiler?); the eager path was tested")

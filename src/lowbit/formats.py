@@ -167,6 +167,27 @@ class QFormat:
         q = torch.where(torch.isnan(a), a, q)  # a NaN's payload can carry into the sign bit above
         return torch.copysign(q, x)
 
+    def round_clamped(self, v: torch.Tensor) -> torch.Tensor:
+        """:meth:`round` for float32 ``v`` already clamped to ``[min_value, max_value]`` (NaN
+        stays NaN): the inference fast path, equal to :meth:`round` there (tested). Compiled
+        code should call :func:`round_minifloat_clamped` with :meth:`fast_round_args`, which
+        reads no format properties (those would break a ``torch.compile`` graph)."""
+        args = self.fast_round_args()
+        if args is None:
+            return torch.round(v) if self.kind == "int" else self.round(v)
+        return round_minifloat_clamped(v, *args)
+
+    def fast_round_args(self) -> tuple[int, int] | None:
+        """``(mbits, emin)`` for :func:`round_minifloat_clamped`, or ``None`` where it does not
+        apply: integers, formats without mantissa bits (a tie between 2^k and 2^(k+1) goes to
+        the even *code*, which ``round(v/ulp)`` cannot see), and ulps outside float32's range."""
+        if self.kind != "fp" or self.mbits == 0:
+            return None
+        emin = 1 - self.bias  # exponent of the smallest normal; below it the step is fixed
+        if 127 + emin - self.mbits < 1 or math.log2(self.max_value) >= 127:
+            return None
+        return self.mbits, emin
+
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         """Integer codes (uint8) of ``round(x)``. Signed ints are stored in two's complement in
         ``bits`` bits; minifloats as sign|exponent|mantissa. NaN maps to the format's NaN code."""
@@ -321,3 +342,18 @@ KNOWN_FORMATS = (
     "uint2", "uint4", "uint8",
     "fp8_e4m3", "fp8_e5m2", "fp6_e3m2", "fp6_e2m3", "fp4_e2m1", "fp4_e3m0", "fp4_e1m2",
 )
+
+
+def round_minifloat_clamped(v: torch.Tensor, mbits: int, emin: int) -> torch.Tensor:
+    """Round float32 ``v`` (inside the format's range) to a minifloat grid with ``mbits``
+    mantissa bits and smallest normal exponent ``emin``, ties to even: ``round(v · 2^-u) · 2^u``
+    with the ulp exponent ``u`` read off the float32 exponent field, floored at the subnormal
+    step. Both powers of two are built from bits, so the products are exact.
+
+    Why this form: inside inductor's generated C++ it is one vectorised loop (~2 ms per million
+    elements), where :meth:`QFormat.round`'s ``copysign``/``isnan`` and a float8 cast are scalar
+    loops (4–13 ms); it runs on every activation of FP-quantized layers."""
+    e = torch.clamp(v.view(torch.int32) & 0x7F800000, min=(127 + emin) << 23)
+    ulp = (e - (mbits << 23)).view(torch.float32)
+    inv = (((254 + mbits) << 23) - e).view(torch.float32)
+    return torch.round(v * inv) * ulp

@@ -17,18 +17,18 @@ with an integer zero-point, so that 0.0 (padding, ReLU/SiLU floors) stays exactl
 
 from __future__ import annotations
 
+import functools
 import re
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
+from ._compiled import run_compiled
 from .errors import CalibrationError, FormatError
-from .formats import QFormat
+from .formats import QFormat, round_minifloat_clamped
 
 _MIN_SCALE = 1e-12  # an all-zero channel still gets a positive, finite scale
-# Minifloats that torch can cast to natively (default bias and convention only): one fast kernel.
-FP8_CASTS = {"fp8_e4m3": torch.float8_e4m3fn, "fp8_e5m2": torch.float8_e5m2}
 
 
 @dataclass(frozen=True)
@@ -195,7 +195,8 @@ class Quantizer(nn.Module):
 
     def _fast_forward(self, x: torch.Tensor) -> torch.Tensor | None:
         """Single-kernel inference paths, bit-identical to the reference arithmetic (tested):
-        PyTorch's fused fake-quant for ints, a float8 cast for the default FP8 formats."""
+        PyTorch's fused fake-quant for ints; for minifloats the exact fast rounding
+        (:meth:`QFormat.round_clamped`), compiled into one loop for per-tensor scales."""
         fmt, (c, ng) = self.fmt, self.scale_shape
         if fmt.kind == "int":
             s = self.scale.detach().reshape(-1).float().contiguous()
@@ -205,13 +206,13 @@ class Quantizer(nn.Module):
                 return torch.fake_quantize_per_tensor_affine(x.float(), s, z, lo, hi).to(x.dtype)
             y = torch.fake_quantize_per_channel_affine(x.float().reshape(c * ng, -1), s, z, 0, lo, hi)
             return y.reshape(x.shape).to(x.dtype)
-        dtype = FP8_CASTS.get(fmt.name)
-        if dtype is None:
-            return None
+        if c * ng == 1 and _fp_qdq_fn(fmt) is not None:  # per tensor (activations): one compiled loop
+            return run_compiled(_fp_qdq_fn(fmt), x, self.scale.detach().reshape(()).float())
         xg = grouped(x.float(), self.scale_shape)
         s = self.scale.detach().unsqueeze(-1)
-        y = torch.clamp(xg / s, fmt.min_value, fmt.max_value).to(dtype).float()
+        y = fmt.round_clamped(torch.clamp(xg / s, fmt.min_value, fmt.max_value))
         return (y * s).reshape(x.shape).to(x.dtype)
+
 
     @torch.no_grad()
     def encode(self, x: torch.Tensor) -> torch.Tensor:
@@ -229,3 +230,16 @@ class Quantizer(nn.Module):
         """Float values of stored codes; equals the simulated output bit for bit."""
         q = grouped(self.fmt.decode(codes), self.scale_shape)
         return ((q - self.zero.unsqueeze(-1)) * self.scale.unsqueeze(-1)).reshape(codes.shape)
+
+
+def _fp_qdq(x: torch.Tensor, s: torch.Tensor, lo: float, hi: float, fast: tuple[int, int]) -> torch.Tensor:
+    # the reference arithmetic of quant_dequant for a minifloat with per-tensor scale s (0-dim);
+    # plain numbers only (format properties read inside a compiled graph would break it)
+    return (round_minifloat_clamped(torch.clamp(x.float() / s, lo, hi), *fast) * s).to(x.dtype)
+
+
+@functools.lru_cache(maxsize=None)
+def _fp_qdq_fn(fmt: QFormat):
+    # one callable per format (run_compiled caches compiled versions by it); None: no fast form
+    fast = fmt.fast_round_args()
+    return None if fast is None else functools.partial(_fp_qdq, lo=fmt.min_value, hi=fmt.max_value, fast=fast)

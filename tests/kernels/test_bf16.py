@@ -172,3 +172,25 @@ def test_bound_detects_a_wrong_scale():
     with torch.no_grad():
         err = (wrong(x).double() - ref).abs()
     assert not (err <= 2**-8 * (ref.abs() + terms + _bias(layer, ref))).all()
+
+
+@pytest.mark.parametrize("name", ["fp8_e4m3", "fp8_e5m2", "fp6_e3m2", "fp4_e2m1", "fp4_e3m0"])
+@pytest.mark.parametrize("compiled", ["0", "1"])
+def test_bf16_activation_table_equals_the_computed_values(name, compiled, monkeypatch):
+    """Minifloat activations of bf16 inputs are one table lookup by bit pattern; the table must
+    give what the computation gives for every one of the 65,536 bf16 numbers (NaN, ±inf, signed
+    zeros and subnormals included), and the channels-last variant the same values in NHWC."""
+    from lowbit.kernels.bf16 import _ActValues, _values_eager
+
+    monkeypatch.setenv("LOWBIT_COMPILE_QUANT", compiled)
+    fmt = parse(name)
+    act = _ActValues(fmt, 0.037, 0.0)
+    every = torch.arange(-32768, 32768, dtype=torch.int32).to(torch.int16).view(torch.bfloat16)
+    x = every.reshape(4, 16, 32, 32)
+    ref = _values_eager(x.float(), act.params, fmt, None)  # float32 input: computed, fmt.round
+    got = act(x)
+    assert torch.equal(got.float().nan_to_num(7.0), ref.float().nan_to_num(7.0))
+    assert torch.isnan(got).sum() == torch.isnan(x).sum() > 0
+    nhwc = act(x, nhwc=True)
+    assert nhwc.is_contiguous(memory_format=torch.channels_last) and torch.equal(nhwc.float().nan_to_num(7.0),
+                                                                                 got.float().nan_to_num(7.0))

@@ -26,11 +26,11 @@ from __future__ import annotations
 
 import functools
 import itertools
-import os
 import weakref
 
 import torch
 
+from .._compiled import disable_compiled_helpers, input_key, run_compiled, use_compiled_helpers
 from ..errors import FormatError
 
 __all__ = ["Int8Conv2dKernel", "Int8LinearKernel", "available", "disable_compiled_helpers", "quantize_u8",
@@ -83,19 +83,6 @@ def _quantize_eager(x: torch.Tensor, params: torch.Tensor) -> torch.Tensor:
     return (torch.clamp(x.float() * inv_scale, lo, hi).round_() + zero).to(torch.uint8)
 
 
-def input_key(x: torch.Tensor) -> tuple:
-    """What a compiled helper specialises on besides sizes: dtype, rank and layout."""
-    cl = x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
-    return (x.dtype, x.dim(), cl)
-
-
-@functools.lru_cache(maxsize=None)
-def _quantize_compiled(key):
-    # one compiled function per input kind (see input_key): each keeps its own small cache, so a
-    # model mixing float32/bf16, 2-D/4-D and NCHW/NHWC inputs never hits dynamo's recompile limit
-    return torch.compile(_quantize_eager, dynamic=True)
-
-
 def quantize_u8(x: torch.Tensor, params: torch.Tensor, compiled: bool | None = None) -> torch.Tensor:
     """uint8 activation codes ``clamp(x · inv_scale, lo, hi).round() + zero`` where ``params`` is
     the float32 tensor ``[inv_scale, lo, hi, zero]``; ``lo``/``hi`` are the format bounds minus
@@ -103,24 +90,7 @@ def quantize_u8(x: torch.Tensor, params: torch.Tensor, compiled: bool | None = N
     variable ``LOWBIT_COMPILE_QUANT`` is ``0``. Codes are identical either way (tested)."""
     if compiled is None:
         compiled = use_compiled_helpers()
-    if compiled and not torch.compiler.is_compiling():
-        try:
-            return _quantize_compiled(input_key(x))(x, params)
-        except Exception:  # no C++ compiler, unsupported platform: the eager path is exact too
-            disable_compiled_helpers()
-    return _quantize_eager(x, params)
-
-
-def use_compiled_helpers() -> bool:
-    """Whether eager kernels quantize activations with a compiled helper (one fused pass instead
-    of four): yes unless ``LOWBIT_COMPILE_QUANT=0``, and never inside a compiled graph (there the
-    whole graph is fused anyway)."""
-    return os.environ.get("LOWBIT_COMPILE_QUANT", "1") != "0" and not torch.compiler.is_compiling()
-
-
-def disable_compiled_helpers() -> None:
-    """Turn the compiled helpers off for this process (after a compilation failure)."""
-    os.environ["LOWBIT_COMPILE_QUANT"] = "0"
+    return run_compiled(_quantize_eager, x, params) if compiled else _quantize_eager(x, params)
 
 
 class _ActCodes:
@@ -150,6 +120,12 @@ def _check_weight(codes: torch.Tensor, w_scale: torch.Tensor) -> torch.Tensor:
 class Int8Conv2dKernel:
     """W8A8 ``conv2d`` on oneDNN; call it with the float input, get the float32 output.
 
+    oneDNN computes in NHWC, but the output is returned NCHW, the layout of the model around it:
+    eager GroupNorm on NHWC bf16 with few channels runs far slower than on NCHW (24 channels:
+    12 ms vs 0.5 ms), which costs more than the conversion. (The layout is fixed, not the
+    input's: under ``torch.compile`` inductor may pick a different layout for the codes than
+    the fake kernel saw.)
+
     ``w_int8`` holds the integer weight values ``[O, I/groups, kh, kw]``, ``w_scale`` ``[O]``,
     ``act_fmt``/``act_scale``/``act_zero`` the input quantizer. Zero padding only (the layer pads
     other modes itself)."""
@@ -174,9 +150,10 @@ class Int8Conv2dKernel:
         """The oneDNN call on uint8 codes (any layout; oneDNN wants NHWC, converting the codes
         is 4× cheaper than converting the float input)."""
         q = codes.contiguous(memory_format=torch.channels_last)
-        return torch.ops.onednn.qconv2d_pointwise(q, self.act.scale, self.act.zero, self.packed, self.w_scale,
-                                                   self.w_zero, self.bias, *self.args, 1.0, 0, self.out_dtype,
-                                                   "none", _NO_POSTOP, "")
+        y = torch.ops.onednn.qconv2d_pointwise(q, self.act.scale, self.act.zero, self.packed, self.w_scale,
+                                                self.w_zero, self.bias, *self.args, 1.0, 0, self.out_dtype,
+                                                "none", _NO_POSTOP, "")
+        return y.contiguous()  # NCHW, the model's layout (see below)
 
     def fake(self, codes: torch.Tensor) -> torch.Tensor:
         """Output shape/layout of :meth:`run` (for ``torch.compile``)."""
@@ -186,7 +163,7 @@ class Int8Conv2dKernel:
         ho = (h + 2 * ph - dh * (kh - 1) - 1) // sh + 1
         wo = (w + 2 * pw - dw * (kw - 1) - 1) // sw + 1
         return torch.empty((n, self.out_channels, ho, wo), dtype=self.out_dtype, device=codes.device,
-                           memory_format=torch.channels_last)
+                           )
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         y = _run_op(self.act(x), self.kid)

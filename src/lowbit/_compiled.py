@@ -1,0 +1,58 @@
+"""Small ``torch.compile``-d elementwise helpers for eager inference, and their on/off switch.
+
+Quantizing an activation in eager PyTorch is several passes over the tensor (scale, clamp,
+round, cast), which on the bundled model costs more than the int8 convolution that follows. One
+compiled function fuses them into one loop. Each helper is compiled per *input kind* (dtype, rank,
+layout; :func:`input_key`) with ``dynamic=True``, so a model that mixes float32/bf16, 2-D/4-D and
+NCHW/NHWC inputs never reaches dynamo's recompile limit, and every layer shares one kernel (its
+scale and bounds are tensor inputs, not constants).
+
+``LOWBIT_COMPILE_QUANT=0`` turns the helpers off (the eager code computes the same values; the
+tests check both). They are never used inside a graph that is itself being compiled: there the
+whole graph is fused anyway. A compilation failure (no C++ compiler) switches them off for the
+process and the caller falls back to eager.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from typing import Callable
+
+import torch
+
+__all__ = ["disable_compiled_helpers", "input_key", "run_compiled", "use_compiled_helpers"]
+
+
+def use_compiled_helpers() -> bool:
+    """Whether eager code may use compiled helpers: yes unless ``LOWBIT_COMPILE_QUANT=0``, and
+    never inside a graph being compiled."""
+    return os.environ.get("LOWBIT_COMPILE_QUANT", "1") != "0" and not torch.compiler.is_compiling()
+
+
+def disable_compiled_helpers() -> None:
+    """Turn the compiled helpers off for this process (after a compilation failure)."""
+    os.environ["LOWBIT_COMPILE_QUANT"] = "0"
+
+
+def input_key(x: torch.Tensor) -> tuple:
+    """What a compiled helper specialises on besides sizes: dtype, rank and layout."""
+    cl = x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+    return (x.dtype, x.dim(), cl)
+
+
+@functools.lru_cache(maxsize=None)
+def _compiled(fn: Callable, key: tuple) -> Callable:
+    return torch.compile(fn, dynamic=True)
+
+
+def run_compiled(fn: Callable, x: torch.Tensor, *args) -> torch.Tensor:
+    """``fn(x, *args)``, through its compiled version when the helpers are on. ``fn`` must be a
+    hashable, long-lived callable (a module-level function or a ``functools.partial`` of one
+    with hashable arguments): it is the cache key."""
+    if use_compiled_helpers():
+        try:
+            return _compiled(fn, input_key(x))(x, *args)
+        except Exception:  # no C++ compiler, unsupported platform: the eager code is exact too
+            disable_compiled_helpers()
+    return fn(x, *args)
