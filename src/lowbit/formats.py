@@ -20,8 +20,6 @@ torch's float8 casts.
 
 from __future__ import annotations
 
-import functools
-
 import math
 import re
 from dataclasses import dataclass
@@ -81,8 +79,12 @@ class QFormat:
                     "the 'ieee' convention needs >= 2 exponent bits and >= 1 mantissa bit (the top exponent holds"
                     " inf with mantissa 0 and NaN with any other mantissa); use '_fn' or '_none' instead"
                 )
+            # the largest value, computed once here: a property that called a cached function
+            # would break every torch.compile graph that reads it (dynamo cannot trace lru_cache)
+            object.__setattr__(self, "_fp_max", float(_fp_table(self)[1].max()))
             if self.max_value <= 0:
                 raise FormatError(f"{self.name} can represent no value but 0; give it more exponent or mantissa bits")
+        object.__setattr__(self, "_decode_table", decode_table(self))
 
     # ----------------------------------------------------------------- constructors and names
     @staticmethod
@@ -126,7 +128,7 @@ class QFormat:
         """Largest finite value (for unsigned ints: 2^bits - 1)."""
         if self.kind == "int":
             return float(2 ** (self.bits - 1) - 1 if self.signed else 2**self.bits - 1)
-        return _fp_max(self)
+        return self._fp_max
 
     @property
     def min_value(self) -> float:
@@ -209,8 +211,9 @@ class QFormat:
         """Float32 values of integer codes; the exact inverse of :meth:`encode` on grid values."""
         if codes.dtype != torch.uint8:
             raise FormatError(f"codes must be uint8, got {codes.dtype}")
-        table = decode_table(self).to(codes.device)
-        return table[codes.long()]
+        # the table lives on the instance (see __post_init__): decode runs inside compiled
+        # models (emulated layers), where a call to the lru_cache'd decode_table breaks the graph
+        return self._decode_table.to(codes.device)[codes.long()]
 
 
 # --------------------------------------------------------------------------- tables (cached)
@@ -225,13 +228,6 @@ def _default_special(ebits: int, mbits: int) -> str:
 def _nan_code(fmt: QFormat) -> int:
     # Canonical positive NaN: all exponent and mantissa bits set.
     return 2 ** (fmt.bits - 1) - 1
-
-
-@lru_cache(maxsize=None)
-@functools.lru_cache(maxsize=None)
-def _fp_max(fmt: "QFormat") -> float:
-    # a Python float computed once: reading it inside torch.compile must not touch a tensor
-    return float(_fp_table(fmt)[1].max())
 
 
 def _fp_table(fmt: QFormat) -> tuple[torch.Tensor, torch.Tensor]:

@@ -127,3 +127,19 @@ def test_unknown_compute_is_refused(checkpoints, bad):
         load(checkpoints("w8a8"), make_unet(device="meta"), compute=bad)
     for p in ("auto", "int8", "bf16", "emulated"):
         assert p in str(e.value)
+
+
+@pytest.mark.parametrize("recipe", ["w8a8", "fp8"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_loaded_model_traces_as_one_graph(checkpoints, recipe, dtype):
+    """torch.compile sees the whole native model as one graph: every kernel call, activation
+    quantizer and format constant is traceable (a graph break splits the model and costs the
+    fusions that make compiled W8A8 fast; a cached format property once broke every FP layer)."""
+    with torch.device("meta"):
+        model = make_unet(device="meta")
+    model = load(checkpoints(recipe), model, dtype=dtype)
+    x, t = X
+    torch._dynamo.reset()
+    explained = torch._dynamo.explain(model)(x.to(dtype), t)
+    assert explained.graph_break_count == 0, explained.break_reasons
+    assert explained.graph_count == 1

@@ -96,12 +96,14 @@ class _ActValues:
         self.params = torch.tensor([float(scale), lo, hi, float(zero)], dtype=torch.float32)
         # ints compute as fast as they look up (one multiply-round); minifloats do not
         self.table = _bf16_table(self.params, fmt) if fmt.kind == "fp" else None
+        # looked up now, not per call: a cached function called inside torch.compile is a hazard
+        self.fns = {nhwc: _values_fn(fmt, nhwc) for nhwc in (False, True)}
 
     def __call__(self, x: torch.Tensor, nhwc: bool = False) -> torch.Tensor:
         """The values of ``x`` (bf16); ``nhwc``: in channels-last layout (4-D inputs)."""
         if self.table is not None and x.dtype == torch.bfloat16:
             return run_compiled(_lookup_nhwc if nhwc else _lookup, x, self.table)
-        return run_compiled(_values_fn(self.fmt, nhwc), x, self.params)
+        return run_compiled(self.fns[nhwc], x, self.params)
 
 
 class Bf16Kernel:
@@ -137,5 +139,6 @@ class Bf16Kernel:
             # oneDNN's NHWC bf16 convolution is the fast one; the output goes back to NCHW, as
             # Int8Conv2dKernel's does (NHWC GroupNorm downstream is far slower)
             y = F.conv2d(v.contiguous(memory_format=torch.channels_last), self.w, self.bias, *self.conv)
-            y = y.contiguous()
+            if not torch.compiler.is_compiling():  # (compiled, the consumer reads NHWC in place)
+                y = y.contiguous()
         return y.to(x.dtype)  # bf16 in a bf16 model, float32 otherwise

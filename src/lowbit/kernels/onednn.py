@@ -53,14 +53,15 @@ def _register(kernel) -> int:
 
 
 @torch.library.custom_op("lowbit::onednn_run", mutates_args=())
-def _run_op(codes: torch.Tensor, kid: int) -> torch.Tensor:
-    """One opaque operator for every oneDNN kernel: ``kid`` picks the kernel (conv or linear)."""
-    return _REGISTRY[kid].run(codes)
+def _run_op(codes: torch.Tensor, kid: int, nhwc: bool) -> torch.Tensor:
+    """One opaque operator for every oneDNN kernel: ``kid`` picks the kernel (conv or linear);
+    ``nhwc``: a convolution returns oneDNN's NHWC output as is (else NCHW)."""
+    return _REGISTRY[kid].run(codes, nhwc)
 
 
 @_run_op.register_fake
-def _(codes: torch.Tensor, kid: int) -> torch.Tensor:
-    return _REGISTRY[kid].fake(codes)
+def _(codes: torch.Tensor, kid: int, nhwc: bool) -> torch.Tensor:
+    return _REGISTRY[kid].fake(codes, nhwc)
 
 
 @functools.lru_cache(maxsize=1)
@@ -146,16 +147,16 @@ class Int8Conv2dKernel:
                                                      *self.args, None)
         self.kid = _register(self)
 
-    def run(self, codes: torch.Tensor) -> torch.Tensor:
+    def run(self, codes: torch.Tensor, nhwc: bool = False) -> torch.Tensor:
         """The oneDNN call on uint8 codes (any layout; oneDNN wants NHWC, converting the codes
-        is 4× cheaper than converting the float input)."""
+        is 4× cheaper than converting the float input). Output NCHW unless ``nhwc``."""
         q = codes.contiguous(memory_format=torch.channels_last)
         y = torch.ops.onednn.qconv2d_pointwise(q, self.act.scale, self.act.zero, self.packed, self.w_scale,
                                                 self.w_zero, self.bias, *self.args, 1.0, 0, self.out_dtype,
                                                 "none", _NO_POSTOP, "")
-        return y.contiguous()  # NCHW, the model's layout (see below)
+        return y if nhwc else y.contiguous()
 
-    def fake(self, codes: torch.Tensor) -> torch.Tensor:
+    def fake(self, codes: torch.Tensor, nhwc: bool = False) -> torch.Tensor:
         """Output shape/layout of :meth:`run` (for ``torch.compile``)."""
         n, _, h, w = codes.shape
         (sh, sw), (ph, pw), (dh, dw), _ = self.args
@@ -163,10 +164,15 @@ class Int8Conv2dKernel:
         ho = (h + 2 * ph - dh * (kh - 1) - 1) // sh + 1
         wo = (w + 2 * pw - dw * (kw - 1) - 1) // sw + 1
         return torch.empty((n, self.out_channels, ho, wo), dtype=self.out_dtype, device=codes.device,
-                           )
+                           memory_format=torch.channels_last if nhwc else torch.contiguous_format)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        y = _run_op(self.act(x), self.kid)
+        if torch.compiler.is_compiling():
+            # in a compiled model inductor writes the codes NHWC inside the kernel that computes
+            # them and reads the NHWC output inside the kernel that consumes it: no copies
+            y = _run_op(self.act(x).contiguous(memory_format=torch.channels_last), self.kid, True)
+        else:
+            y = _run_op(self.act(x), self.kid, False)
         return y if x.dtype == self.out_dtype else y.to(x.dtype)
 
 
@@ -186,18 +192,18 @@ class Int8LinearKernel:
         self.packed = torch.ops.onednn.qlinear_prepack(w_int8, None)
         self.kid = _register(self)
 
-    def run(self, codes: torch.Tensor) -> torch.Tensor:
-        """The oneDNN call on 2-D uint8 codes ``[M, K]``."""
+    def run(self, codes: torch.Tensor, nhwc: bool = False) -> torch.Tensor:
+        """The oneDNN call on 2-D uint8 codes ``[M, K]`` (``nhwc`` does not apply)."""
         return torch.ops.onednn.qlinear_pointwise(codes.contiguous(), self.act.scale, self.act.zero, self.packed,
                                                    self.w_scale, self.w_zero, self.bias, 1.0, 0, self.out_dtype,
                                                    "none", _NO_POSTOP, "")
 
-    def fake(self, codes: torch.Tensor) -> torch.Tensor:
+    def fake(self, codes: torch.Tensor, nhwc: bool = False) -> torch.Tensor:
         """Output shape of :meth:`run` (for ``torch.compile``)."""
         return codes.new_empty((codes.shape[0], self.out_features), dtype=self.out_dtype)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         lead = x.shape[:-1]
-        y = _run_op(self.act(x.reshape(-1, self.in_features)), self.kid)
+        y = _run_op(self.act(x.reshape(-1, self.in_features)), self.kid, False)
         y = y.reshape(*lead, self.out_features)
         return y if x.dtype == self.out_dtype else y.to(x.dtype)
