@@ -33,6 +33,23 @@ def test_default_exclusions_keep_diffusion_io_and_time_layers_float(unet, calib)
     assert "down_blocks.0.resnets.0.conv1" in names
 
 
+def test_four_bit_recipes_keep_time_embeddings_at_eight_bits(unet, calib):
+    """w4a8 quantizes the time-embedding Linears W8A8 (METHODS.md: the time embedding stays at
+    8 bits or more) instead of keeping them FP32; conv_in/conv_out stay float."""
+    quantize(unet, "w4a8", calib, progress=False)
+    layers = dict(quant_layers(unet))
+    temb = [n for n in layers if "time_emb" in n]
+    assert "time_embedding.linear_1" in temb and any(n.endswith("time_emb_proj") for n in temb)
+    for n in temb:
+        assert layers[n].spec == LayerSpec("int8", "uint8"), n
+    assert recipe("w4a16").spec_for("time_emb_proj", nn.Linear(4, 4)) == LayerSpec("int8", None)
+    assert layers["down_blocks.0.resnets.0.conv1"].spec.weight == "int4"
+    assert not {"conv_in", "conv_out"} & set(layers)
+    # the user's own excludes still come first
+    plan = recipe("w4a8", exclude=[r".*time_emb_proj"])
+    assert plan.spec_for("down_blocks.0.resnets.0.time_emb_proj", nn.Linear(4, 4)) is None
+
+
 def test_exclude_defaults_can_be_overridden(unet, calib):
     quantize(unet, recipe("w8a8", exclude_defaults=False), calib, progress=False)
     names = {n for n, _ in quant_layers(unet)}

@@ -177,9 +177,10 @@ def test_bound_detects_a_wrong_scale():
 @pytest.mark.parametrize("name", ["fp8_e4m3", "fp8_e5m2", "fp6_e3m2", "fp4_e2m1", "fp4_e3m0"])
 @pytest.mark.parametrize("compiled", ["0", "1"])
 def test_bf16_activation_table_equals_the_computed_values(name, compiled, monkeypatch):
-    """Minifloat activations of bf16 inputs are one table lookup by bit pattern; the table must
-    give what the computation gives for every one of the 65,536 bf16 numbers (NaN, ±inf, signed
-    zeros and subnormals included), and the channels-last variant the same values in NHWC."""
+    """Minifloat activations of bf16 inputs are one table lookup by bit pattern when compiled
+    helpers are on (computed otherwise); either must give what the float32 computation gives
+    for every one of the 65,536 bf16 numbers (NaN, ±inf, signed zeros and subnormals included),
+    and the channels-last variant the same values in NHWC."""
     from lowbit.kernels.bf16 import _ActValues, _values_eager
 
     monkeypatch.setenv("LOWBIT_COMPILE_QUANT", compiled)

@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import FormatError
-from .._compiled import run_compiled
+from .._compiled import run_compiled, use_compiled_helpers
 from ..formats import round_minifloat_clamped
 
 __all__ = ["Bf16Kernel", "exact_in_bf16"]
@@ -101,7 +101,10 @@ class _ActValues:
 
     def __call__(self, x: torch.Tensor, nhwc: bool = False) -> torch.Tensor:
         """The values of ``x`` (bf16); ``nhwc``: in channels-last layout (4-D inputs)."""
-        if self.table is not None and x.dtype == torch.bfloat16:
+        if self.table is not None and x.dtype == torch.bfloat16 and (use_compiled_helpers()
+                                                                      or torch.compiler.is_compiling()):
+            # compiled only: an eager lookup materialises an int64 index per element (slower, and
+            # 4× the activation's memory)
             return run_compiled(_lookup_nhwc if nhwc else _lookup, x, self.table)
         return run_compiled(self.fns[nhwc], x, self.params)
 
