@@ -14,6 +14,7 @@ Writes are atomic: temp file in the same directory, fsync, rename, fsync of the 
 
 from __future__ import annotations
 
+import ctypes
 import hashlib
 import json
 import os
@@ -183,6 +184,23 @@ def _check_arch(expected: dict, model: nn.Module) -> None:
                               " lacks; pass the architecture it was quantized from")
 
 
+def _trim_heap() -> None:
+    """Hand freed heap memory back to the OS (glibc only; elsewhere a no-op). Loading frees a
+    layer's codes and temporaries as its kernel is built; without this, glibc keeps them resident
+    and the process's peak RSS grows by the sum of those fragments."""
+    global _MALLOC_TRIM
+    if _MALLOC_TRIM is None:
+        try:
+            _MALLOC_TRIM = ctypes.CDLL("libc.so.6").malloc_trim
+        except (OSError, AttributeError):
+            _MALLOC_TRIM = False
+    if _MALLOC_TRIM:
+        _MALLOC_TRIM(0)
+
+
+_MALLOC_TRIM = None
+
+
 def load(path: "str | Path", model: nn.Module, *, compute: str = "auto",
          dtype: torch.dtype = torch.float32) -> nn.Module:
     """Load a lowbit checkpoint into ``model``, the *float* architecture it was quantized from.
@@ -193,12 +211,11 @@ def load(path: "str | Path", model: nn.Module, *, compute: str = "auto",
     ``compute`` installs each layer's kernel (:func:`lowbit.kernels.set_compute`): ``"auto"``
     runs native int8 / bf16 wherever a layer's formats allow, and then keeps only the kernel's
     copy of those weights (packed int4 becomes int8 in memory, never fp32); such a model runs but
-    cannot be saved again. ``"emulated"`` keeps the codes and computes exactly like the simulated
+    cannot be saved again. Kernels are built layer by layer as the codes are unpacked, so loading
+    never holds more than the kernels, the file's packed bytes and one layer's codes. ``"emulated"`` keeps the codes and computes exactly like the simulated
     model. ``dtype=torch.bfloat16`` runs the activations between quantized layers in bf16 (see
     :func:`lowbit.kernels.set_compute`; feed bf16 inputs).
     """
-    from .kernels import set_compute  # kernels import nn; keep io importable on its own
-
     if compute not in ("auto", "int8", "bf16", "emulated"):
         raise CheckpointError(f"unknown compute path {compute!r}: use auto, int8, bf16 or emulated")
     meta, tensors = read_checkpoint(path)
@@ -211,21 +228,44 @@ def load(path: "str | Path", model: nn.Module, *, compute: str = "auto",
     except (TypeError, KeyError, LowbitError) as e:
         raise CheckpointError(f"checkpoint layer specs are damaged ({e}); re-save the checkpoint") from None
     apply_specs(model, specs, stored=True)
-    state = {}
-    for k, v in tensors.items():
-        if k.endswith(_PACKED):
-            name = k[: -len(_PACKED)]
-            d = layers.get(name, {})
-            if d.get("bits") is None:
-                raise CheckpointError(f"packed codes for {name!r} have no bit width in the metadata; re-save the checkpoint")
-            shape = d["weight_shape"]
-            state[f"{name}.weight_codes"] = unpack(v, d["bits"], int(torch.Size(shape).numel())).reshape(shape)
-        else:
-            state[k] = v
+    # Everything but the packed codes goes in at once; the codes go in one layer at a time below.
+    packed = {k[: -len(_PACKED)]: tensors.pop(k) for k in [k for k in tensors if k.endswith(_PACKED)]}
+    codes_keys = {f"{name}.weight_codes" for name in packed}
     try:
-        model.load_state_dict(state, strict=True, assign=True)
+        result = model.load_state_dict(tensors, strict=False, assign=True)
     except RuntimeError as e:
         raise CheckpointError(f"checkpoint tensors do not fit the model ({str(e).splitlines()[0][:160]})") from None
+    missing = sorted(set(result.missing_keys) - codes_keys)
+    if missing or result.unexpected_keys or not codes_keys <= set(result.missing_keys):
+        what = (f"{missing[0]!r} is missing" if missing else f"{result.unexpected_keys[0]!r} is unexpected"
+                if result.unexpected_keys else "codes arrived for a layer that holds none")
+        raise CheckpointError(f"checkpoint tensors do not fit the model ({what}); pass the architecture it was"
+                              " quantized from, or re-save the checkpoint")
+    del tensors
+    modules = dict(model.named_modules())
+    streaming = compute != "emulated"
+    if streaming:
+        from .kernels.select import finish_compute, install_kernel
+    # Unpack each layer's codes and (native compute) build its kernel, dropping the codes and the
+    # packed bytes before the next layer: peak memory is the kernels plus one layer, never every
+    # layer's unpacked codes at once beside the kernels being built.
+    for name in list(packed):
+        d = layers.get(name, {})
+        if d.get("bits") is None:
+            raise CheckpointError(f"packed codes for {name!r} have no bit width in the metadata; re-save the checkpoint")
+        layer = modules.get(name)
+        if not isinstance(layer, QuantWeightLayer):
+            raise CheckpointError(f"checkpoint has codes for {name!r}, which is not a quantized layer of this model;"
+                                  " pass the architecture it was quantized from")
+        shape = d["weight_shape"]
+        codes = unpack(packed.pop(name), d["bits"], int(torch.Size(shape).numel())).reshape(shape)
+        if list(layer.weight_codes.shape) != list(shape):
+            raise CheckpointError(f"checkpoint codes of {name!r} have shape {shape}, the model's layer"
+                                  f" {list(layer.weight_codes.shape)}; pass the architecture it was quantized from")
+        layer._buffers["weight_codes"] = codes
+        if streaming:
+            install_kernel(layer, compute, dtype, release_codes=True)
+            _trim_heap()
     left = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
     if left:
         raise CheckpointError(f"after loading, {left[0]!r} is still on the meta device (a non-persistent buffer is"
@@ -235,9 +275,6 @@ def load(path: "str | Path", model: nn.Module, *, compute: str = "auto",
             m.weight_sqnr_db = layers.get(n, {}).get("weight_sqnr_db")
     plan = _json(meta, "plan")
     model.lowbit_plan = Plan.from_dict(plan) if plan else None
-    if compute != "emulated":
-        # drop the file's tensors and the unpacked state first: each kernel then replaces its
-        # layer's codes one layer at a time, so peak memory stays near one copy of the weights
-        del tensors, state
-        set_compute(model, compute, release_codes=True, dtype=dtype)
+    if streaming:
+        finish_compute(model, dtype)  # the model-wide part: bf16 float tensors if asked
     return model.eval()

@@ -91,7 +91,13 @@ def _weight_values(layer) -> torch.Tensor:
     """Unscaled integer/minifloat values of the weight, ``decode(codes) − zero``."""
     wq = layer.weight_quant
     codes = layer.weight_codes_now()
-    vals = wq.fmt.decode(codes).reshape(wq.scale_shape[0], -1) - wq.zero.reshape(-1, 1)
+    fmt = wq.fmt
+    if fmt.kind == "int" and fmt.signed and bool(torch.all(wq.zero == 0)):
+        # two's complement in the low `bits` bits: sign-extend in int8 (1 byte per weight, where
+        # decoding through float32 would hold 4 per weight of the largest layer while loading)
+        shift = 8 - fmt.bits
+        return ((codes.view(torch.int8) << shift) >> shift) if shift else codes.view(torch.int8)
+    vals = fmt.decode(codes).reshape(wq.scale_shape[0], -1) - wq.zero.reshape(-1, 1)
     return vals.reshape(layer.weight_shape)
 
 
@@ -169,13 +175,23 @@ def set_compute(model: nn.Module, path: str = "auto", *, release_codes: bool = F
     if released:  # the kernels hold the only copy of these weights: rebuilding would lose them
         raise PlanError(f"{released[0]!r} (and {len(released) - 1} more) released its codes for inference; load"
                         " the checkpoint again with the compute path you want")
-    chosen: dict[str, str] = {}
-    for name, layer in layers:
-        p = choose_path(layer, path)
-        layer.kernel = None if p == "emulated" else _build(layer, p, dtype)
-        chosen[name] = layer.compute_path
-        if release_codes and layer.kernel is not None and layer.stored:
-            layer.release_codes()
+    chosen = {name: install_kernel(layer, path, dtype, release_codes) for name, layer in layers}
     if dtype != torch.float32:
         _cast_float_tensors(model, dtype)
     return chosen
+
+
+def install_kernel(layer, path: str, dtype: torch.dtype, release_codes: bool) -> str:
+    """One layer's part of :func:`set_compute` (``lowbit.load`` calls it as each layer's codes
+    come off the file, so that only one layer is ever held twice); returns the path it runs."""
+    p = choose_path(layer, path)
+    layer.kernel = None if p == "emulated" else _build(layer, p, dtype)
+    if release_codes and layer.kernel is not None and layer.stored:
+        layer.release_codes()
+    return layer.compute_path
+
+
+def finish_compute(model: nn.Module, dtype: torch.dtype) -> None:
+    """The model-wide part of :func:`set_compute` after every layer is installed."""
+    if dtype != torch.float32:
+        _cast_float_tensors(model, dtype)
