@@ -229,9 +229,16 @@ def test_tensor_scales_and_signed_activations_run_int8():
         model = lowbit.freeze(lowbit.quantize(make_unet(), Plan.uniform(spec), unet_inputs(2, seed=1),
                                               progress=False))
         emulated = run(model)
+        seen = record_layers(model, lambda: run(model))
         chosen = set_compute(model, "int8")
         assert INT8 in chosen.values() or not onednn.available()
-        assert sqnr_db(emulated, run(model)) > 100, spec  # measured 132.5 (tensor), 132.4 (int8 act) dB
+        check_each_layer(model, seen, chosen)  # the kernel itself: float32 epilogue rounding only
+        # End to end, one activation that float32 rounding puts on the other side of a rounding
+        # boundary flips one code, and the flip spreads downstream. Measured 132.5 (tensor) and
+        # 132.4 (int8 act) dB on an AMX Xeon, where nothing flipped; 47.0 dB (tensor) on a Zen 4
+        # EPYC, where one code of up_blocks.1.resnets.0.conv1's input flipped. Quantization
+        # error itself is ~30 dB, so 40 dB still catches any systematic mismatch.
+        assert sqnr_db(emulated, run(model)) > 40, spec
 
 
 def _conv_net() -> nn.Sequential:
@@ -268,7 +275,9 @@ def test_padding_modes_strides_and_groups(recipe):
     if recipe in INT_RECIPES and not onednn.available():
         floor = {"w8a8": 42, "w4a4": 27}[recipe]
     else:
-        floor = {"w8a8": 134, "w4a4": 135, "fp8": 35, "w4a16": 48}[recipe]
+        # int floors: float32 rounding only, which differs between CPUs' kernels (w4a4 134.5 dB
+        # on a Zen 4 EPYC)
+        floor = {"w8a8": 128, "w4a4": 128, "fp8": 35, "w4a16": 48}[recipe]
     assert sqnr_db(emulated, native) > floor
 
 
