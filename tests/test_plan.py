@@ -5,6 +5,7 @@ from torch import nn
 
 from lowbit import DEFAULT_EXCLUDE, RECIPES, LayerSpec, Plan, Rule, quantize, recipe
 from lowbit.errors import FormatError, LowbitError, PlanError
+from lowbit.plan import RECIPE_RULES
 from lowbit.nn import QuantAttnProcessor, QuantConv2d, QuantLinear, quant_layers
 
 
@@ -22,32 +23,52 @@ def test_plan_json_round_trip():
     assert again == plan and again.to_json() == plan.to_json()
 
 
-def test_default_exclusions_keep_diffusion_io_and_time_layers_float(unet, calib):
+def test_default_exclusions_keep_diffusion_io_float(unet, calib):
     quantize(unet, "w8a8", calib, progress=False)
     names = {n for n, _ in quant_layers(unet)}
     for n, m in unet.named_modules():
-        if any(k in n for k in ("conv_in", "conv_out", "time_embedding", "time_emb_proj")):
+        if any(k in n for k in ("conv_in", "conv_out", "norm_out")):
             assert n not in names and not isinstance(m, (QuantConv2d, QuantLinear))
     assert any(isinstance(m, QuantAttnProcessor) for _, m in quant_layers(unet))
     assert any(isinstance(m, QuantConv2d) for _, m in quant_layers(unet))
     assert "down_blocks.0.resnets.0.conv1" in names
 
 
-def test_four_bit_recipes_keep_time_embeddings_at_eight_bits(unet, calib):
-    """w4a8 quantizes the time-embedding Linears W8A8 (METHODS.md: the time embedding stays at
-    8 bits or more) instead of keeping them FP32; conv_in/conv_out stay float."""
-    quantize(unet, "w4a8", calib, progress=False)
-    layers = dict(quant_layers(unet))
-    temb = [n for n in layers if "time_emb" in n]
-    assert "time_embedding.linear_1" in temb and any(n.endswith("time_emb_proj") for n in temb)
-    for n in temb:
-        assert layers[n].spec == LayerSpec("int8", "uint8"), n
-    assert recipe("w4a16").spec_for("time_emb_proj", nn.Linear(4, 4)) == LayerSpec("int8", None)
-    assert layers["down_blocks.0.resnets.0.conv1"].spec.weight == "int4"
-    assert not {"conv_in", "conv_out"} & set(layers)
-    # the user's own excludes still come first
+def test_uniform_plans_keep_the_time_embedding_float(unet):
+    specs = Plan.uniform(LayerSpec("int8", "uint8")).resolve(unet)
+    assert specs and not [n for n in specs if "time_emb" in n or n.startswith(("conv_in", "conv_out"))]
+
+
+@pytest.mark.parametrize("name, mlp, proj", [
+    ("w8a8", LayerSpec("int8", "uint8"), LayerSpec("int8", "uint8")),
+    ("w4a8", LayerSpec("int8", "uint8"), LayerSpec("int4", "uint8", weight_observer="mse")),
+    ("w4a4", LayerSpec("int8", "uint8"), LayerSpec("int4", "uint8", weight_observer="mse")),
+    ("w4a16", LayerSpec("int8", None), LayerSpec("int4", None, weight_observer="mse")),
+    ("fp8", LayerSpec("fp8_e4m3", "fp8_e4m3"), LayerSpec("fp8_e4m3", "fp8_e4m3")),
+    ("w4a8-fp", LayerSpec("fp8_e4m3", "fp8_e4m3"), LayerSpec("fp4_e2m1", "fp8_e4m3", weight_observer="mse")),
+])
+def test_recipes_quantize_the_time_embedding_mlp_at_eight_bits(unet, calib, name, mlp, proj):
+    """The time-embedding MLP at 8 bits (METHODS.md §5), each time_emb_proj with the recipe's
+    weights and 8-bit activations; conv_in/conv_out stay float."""
+    assert set(RECIPE_RULES) == set(RECIPES)
+    plan = recipe(name)
+    assert plan.spec_for("time_embedding.linear_1", nn.Linear(4, 4)) == mlp
+    assert plan.spec_for("time_embedding.linear_2", nn.Linear(4, 4)) == mlp
+    assert plan.spec_for("down_blocks.0.resnets.0.time_emb_proj", nn.Linear(4, 4)) == proj
+    if name == "w4a8":  # and on a real UNet
+        quantize(unet, plan, calib, progress=False)
+        layers = dict(quant_layers(unet))
+        assert layers["time_embedding.linear_1"].spec == mlp
+        projs = [n for n in layers if n.endswith("time_emb_proj")]
+        assert projs and all(layers[n].spec == proj for n in projs)
+        assert layers["down_blocks.0.resnets.0.conv1"].spec.weight == "int4"
+        assert not {"conv_in", "conv_out"} & set(layers)
+
+
+def test_user_excludes_come_before_the_time_embedding_rules():
     plan = recipe("w4a8", exclude=[r".*time_emb_proj"])
     assert plan.spec_for("down_blocks.0.resnets.0.time_emb_proj", nn.Linear(4, 4)) is None
+    assert plan.spec_for("time_embedding.linear_1", nn.Linear(4, 4)) == LayerSpec("int8", "uint8")
 
 
 def test_exclude_defaults_can_be_overridden(unet, calib):

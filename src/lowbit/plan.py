@@ -6,10 +6,11 @@ the module name (``re.fullmatch``), optional type names, and a spec (or ``None``
 the first matching rule wins and unmatched modules stay in FP. Named recipes (``w8a8``,
 ``w4a8``, …) expand to plans; the integer-program allocators of later methods emit plans too.
 
-Diffusion defaults (Q-Diffusion, EfficientDM, ModelOpt's exclusion list): the time embedding,
-``conv_in``, ``conv_out`` and the output norm stay in FP because they are small and their error
-spreads to every later layer and timestep; norms are never quantized. ``exclude_defaults=False``
-overrides that.
+Diffusion defaults (Q-Diffusion, EfficientDM, ModelOpt's exclusion list): ``conv_in``,
+``conv_out`` and the output norm stay in FP because they are small and their error spreads to
+every later layer and timestep; norms are never quantized. A plain :meth:`Plan.uniform` keeps the
+time embedding in FP too; the named recipes quantize it at 8 bits (``RECIPE_RULES``).
+``exclude_defaults=False`` overrides all of that.
 """
 
 from __future__ import annotations
@@ -178,29 +179,44 @@ RECIPES: dict[str, tuple[str, LayerSpec]] = {
 }
 
 
-# Time-embedding Linears of the 4-bit-weight recipes: W8A8 (INT8 per-channel weights, UINT8
-# activations) instead of FP32 — "8 bit or higher" for the time embedding (METHODS.md §5,
-# EfficientDM/ModelOpt) without the 4 bytes per weight of FP32. In the SD-like UNet these 19
-# layers are 5 % of the parameters but, left in FP32, 29 % of a W4A8 checkpoint. Measured on the
-# bundled model (256 images, DDIM 10, SQNR of the images vs FP32): W4A8 with FP32 time embedding
-# 11.53 dB, with W8A8 11.58 dB, with INT8 weight-only 11.54 dB, with W4A8 10.14 dB. W8A8 rather
-# than weight-only keeps an integer model integer: the layers run oneDNN int8 like the rest.
-TIME_EMBEDDING = r"(.*\.)?(time_emb_proj|time_embedding\.linear_\d+)"
-RECIPE_RULES: dict[str, tuple[Rule, ...]] = {
-    name: (Rule(TIME_EMBEDDING, spec, ("Linear",)),) for name, spec in {
-        "w4a8": LayerSpec("int8", "uint8"),
-        "w4a4": LayerSpec("int8", "uint8"),
-        "w4a16": LayerSpec("int8", None),  # a weight-only recipe stays weight-only
-        "w4a8-fp": LayerSpec("fp8_e4m3", "fp8_e4m3"),  # and a minifloat one minifloat
-    }.items()
-}
+# The time embedding in every recipe: quantized, not FP32 (in the SD-like UNet its Linears are
+# 5 % of the parameters but, left in FP32, 29 % of a W4A8 checkpoint and 15 % of a W8A8 one).
+# * The embedding MLP (``time_embedding.linear_1/2``, shared by every layer and timestep) at
+#   8 bits, the "8 bit or higher" of METHODS.md §5 (EfficientDM, ModelOpt): W8A8 for INT recipes,
+#   INT8 weight-only for the weight-only one, FP8 for minifloat ones.
+# * Each ResNet's ``time_emb_proj`` with the recipe's own weights and 8-bit activations (its
+#   input is that MLP's output). At 4 bits it is 2.8M of the SD-like UNet's 64M parameters:
+#   8-bit there would cost 0.6 % of fp32 bytes and put W4A8 at 13.4 % instead of ≤ 13 %.
+# Measured on the bundled model (256 images, DDIM 10, image SQNR vs FP32; one calibration set):
+# W8A8 22.43 dB with the time embedding FP32 and 22.43 dB quantized; FP8 23.37 vs 23.75 dB;
+# W4A8 11.54 dB with the whole time embedding W8A8, 11.34 dB with time_emb_proj at INT4 (int6:
+# 11.31 dB, so the difference is calibration noise), against 10.14 dB with the MLP at 4 bits too.
+TIME_MLP = r"(.*\.)?time_embedding\.linear_\d+"
+TIME_PROJ = r"(.*\.)?time_emb_proj"
+_TIME_MLP_SPEC = {"int": LayerSpec("int8", "uint8"), "weight-only": LayerSpec("int8", None),
+                  "fp": LayerSpec("fp8_e4m3", "fp8_e4m3")}
+
+
+def _time_rules(spec: LayerSpec) -> tuple[Rule, ...]:
+    w = parse_optional(spec.weight)
+    if w is None:
+        return ()
+    kind = "weight-only" if parse_optional(spec.act) is None else w.kind
+    mlp = _TIME_MLP_SPEC[kind]
+    proj = LayerSpec(spec.weight, mlp.act, weight_granularity=spec.weight_granularity,
+                     weight_observer=spec.weight_observer)
+    return (Rule(TIME_MLP, mlp, ("Linear",)), Rule(TIME_PROJ, proj, ("Linear",)))
+
+
+RECIPE_RULES: dict[str, tuple[Rule, ...]] = {name: _time_rules(spec) for name, (_, spec) in RECIPES.items()}
 
 
 def recipe(name: str, **overrides) -> Plan:
     """The plan for a named recipe; keyword overrides go to :meth:`Plan.uniform`
-    (``include``, ``exclude``, ``exclude_defaults``, ``types``). Recipes with 4-bit weights
-    also store the time-embedding Linears as INT8 weight-only (``RECIPE_RULES``) unless
-    ``exclude_defaults=False`` (then every layer gets the recipe's spec)."""
+    (``include``, ``exclude``, ``exclude_defaults``, ``types``). Every recipe also quantizes the
+    time embedding (``RECIPE_RULES``: its MLP at 8 bits, ``time_emb_proj`` with the recipe's
+    weights and 8-bit activations) unless ``exclude_defaults=False`` (then every layer gets the
+    recipe's spec)."""
     if name not in RECIPES:
         raise PlanError(f"unknown recipe {name!r}: use one of {', '.join(RECIPES)} or pass a Plan")
     plan = Plan.uniform(RECIPES[name][1], name=name, **overrides)

@@ -77,8 +77,9 @@ def test_default_load_runs_native_kernels_without_codes(checkpoints, recipe):
     assert {n: m.compute_path for n, m in layers.items()} == chosen
     native_path = INT8 if recipe != "fp8" and onednn.available() else "bf16"
     tiny = {n for n, m in layers.items() if torch.Size(m.weight_shape[1:]).numel() < 16}
-    # the 8-channel 1x1 conv_shortcut, and in 4-bit recipes the 8-input time_embedding.linear_1
-    assert tiny == {"down_blocks.1.resnets.0.conv_shortcut"} | ({"time_embedding.linear_1"} if recipe == "w4a8" else set())
+    # the 8-channel 1x1 conv_shortcut, and the 8-input time_embedding.linear_1 (every recipe
+    # quantizes the time embedding)
+    assert tiny == {"down_blocks.1.resnets.0.conv_shortcut", "time_embedding.linear_1"}
     assert chosen == {n: "emulated" if n in tiny else native_path for n in layers}
     for name, layer in layers.items():
         if name in tiny:  # stays emulated and keeps its codes
