@@ -69,6 +69,28 @@ def test_checkpoint_bytes_match_the_bit_width(tmp_path, fmt, limit):
     assert bits / 32 < ratio <= limit  # packed codes + per-channel scales + fp32 biases + metadata
 
 
+@pytest.mark.parametrize("weight", ["int4", "fp8_e4m3", "uint4"])
+def test_symmetric_weights_store_no_zero_points(tmp_path, weight):
+    """Symmetric weights' zero-points are all 0 and not written; asymmetric ones are; both load
+    back to the same outputs."""
+    model = quantize(make_unet(), Plan.uniform(LayerSpec(weight, "uint8")), unet_inputs(2, seed=1), progress=False)
+    x = unet_inputs(1, seed=2)[0]
+    with torch.no_grad():
+        before = model(*x).sample
+    path = save(model, tmp_path / "q.safetensors")
+    keys = safetensors.torch.load_file(path).keys()
+    weight_layers = [n for n, m in quant_layers(model) if isinstance(m, QuantWeightLayer)]
+    stored_zeros = [n for n in weight_layers if f"{n}.weight_quant.zero" in keys]
+    assert weight_layers and stored_zeros == ([] if lowbit.parse(weight).symmetric else weight_layers)
+    assert all(f"{n}.input_quant.zero" in keys for n in weight_layers)  # activations keep theirs
+    loaded = load(path, make_unet(device="meta"), compute="emulated")
+    with torch.no_grad():
+        assert torch.equal(loaded(*x).sample, before)
+    for n, m in quant_layers(loaded):
+        if isinstance(m, QuantWeightLayer):
+            assert torch.equal(m.weight_quant.zero, dict(quant_layers(model))[n].weight_quant.zero)
+
+
 def _saved(tmp_path):
     model = quantize(make_unet(), "w4a8", unet_inputs(2), progress=False)
     return save(model, tmp_path / "q.safetensors")

@@ -36,6 +36,7 @@ from .quantizer import Quantizer
 
 FORMAT_VERSION = "1"
 _PACKED = ".weight_codes.packed"
+_ZERO = ".weight_quant.zero"
 
 
 def fp_signature(model: nn.Module) -> dict[str, list[int]]:
@@ -111,6 +112,10 @@ def save(model: nn.Module, path: "str | Path", *, metadata: dict[str, str] | Non
             tensors.pop(f"{name}.weight", None)
             tensors.pop(f"{name}.weight_codes", None)
             tensors[name + _PACKED] = pack(layer.weight_codes_now().cpu(), layer.weight_quant.fmt.bits)
+            wq = layer.weight_quant
+            if wq.fmt.symmetric and not bool(torch.any(wq.zero != 0)):
+                # symmetric weights' zero-points are all 0 (as many bytes as the scales): not stored
+                tensors.pop(f"{name}{_ZERO}", None)
     seen: set[int] = set()
     for k, v in tensors.items():  # safetensors refuses shared storage (tied weights): copy those
         v = v.cpu().contiguous()
@@ -231,6 +236,11 @@ def load(path: "str | Path", model: nn.Module, *, compute: str = "auto",
     # Everything but the packed codes goes in at once; the codes go in one layer at a time below.
     packed = {k[: -len(_PACKED)]: tensors.pop(k) for k in [k for k in tensors if k.endswith(_PACKED)]}
     codes_keys = {f"{name}.weight_codes" for name in packed}
+    for name in packed:  # symmetric weights: zero-points are not stored (see save)
+        scale = tensors.get(f"{name}.weight_quant.scale")
+        fmt = parse_optional(specs[name].weight) if name in specs else None
+        if f"{name}{_ZERO}" not in tensors and scale is not None and fmt is not None and fmt.symmetric:
+            tensors[f"{name}{_ZERO}"] = torch.zeros_like(scale)
     try:
         result = model.load_state_dict(tensors, strict=False, assign=True)
     except RuntimeError as e:

@@ -50,8 +50,10 @@ def _weight_bytes(shape, spec, has_bias: bool) -> tuple[int, int]:
     if fmt is None:
         return fp32, fp32 + act
     scales = int(torch.Size(Granularity.parse(spec["weight_granularity"]).scale_shape(tuple(shape))).numel())
-    # packed codes + scale and zero-point per group (fp32 each) + the 1-byte "calibrated" flag
-    return fp32, packed_nbytes(numel, fmt.bits) + 8 * scales + 1 + bias + act
+    # packed codes + a scale per group (fp32) + the 1-byte "calibrated" flag, and a zero-point
+    # per group (fp32) for asymmetric formats only (io.save drops symmetric weights' zeros)
+    per_group = 4 if fmt.symmetric else 8
+    return fp32, packed_nbytes(numel, fmt.bits) + per_group * scales + 1 + bias + act
 
 
 def _act_name(spec: dict) -> str:
