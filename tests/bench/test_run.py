@@ -16,9 +16,11 @@ def _row(name, seconds, ckpt, mem=None, sqnr=None):
 
 
 def test_markdown_reports_ratios_and_memory_against_the_fp32_row():
-    rows = [_row("fp32", 2.0, 1000, {"baseline_mb": 100.0, "peak_mb": 300.0}),
-            _row("lowbit w8a8", 0.5, 290, {"baseline_mb": 100.0, "peak_mb": 150.0}, sqnr=31.25),
-            _row("peer", 1.0, None, {"error": "boom"})]
+    rows = [_row("fp32", 2.0, 1000, {"baseline_mb": 100.0, "peak_mb": 300.0, "sampling_peak_mb": 300.0}),
+            _row("lowbit w8a8", 0.5, 290, {"baseline_mb": 100.0, "peak_mb": 150.0, "sampling_peak_mb": 140.0},
+                 sqnr=31.25),
+            _row("peer", 1.0, None, {"error": "boom"}),
+            _row("old kernel", 1.0, None, {"baseline_mb": 100.0, "peak_mb": 200.0, "sampling_peak_mb": None})]
     text = markdown([dict(model="m", description="d", batch=4, steps=5, repeats=3, rows=rows)], "lowbit bench", 1)
     line = next(ln for ln in text.splitlines() if ln.startswith("| lowbit w8a8"))
     cells = [c.strip() for c in line.strip("|").split("|")]
@@ -26,6 +28,9 @@ def test_markdown_reports_ratios_and_memory_against_the_fp32_row():
     assert cells[4] == "31.2"
     assert cells[5] == "290 (0.290)"
     assert cells[7] == "50 (0.25)"  # (150-100) / (300-100)
+    assert cells[8] == "40 (0.20)"  # sampling alone: (140-100) / (300-100)
+    old = next(ln for ln in text.splitlines() if ln.startswith("| old kernel"))
+    assert [c.strip() for c in old.strip("|").split("|")][7:9] == ["100 (0.50)", "–"]  # no reset: no column
     peer = next(ln for ln in text.splitlines() if ln.startswith("| peer"))
     assert "error" in peer and "boom" in peer
     assert "`lowbit bench`" in text and "1 thread(s)" in text

@@ -4,7 +4,9 @@ RSS is per process and never goes down, so each variant gets its own interpreter
 ``python -m lowbit.bench.memory MODEL {fp32,bf16} [CHECKPOINT]`` builds the model the way a user
 would (FP32/BF16 from the float weights; lowbit variants by loading the packed checkpoint onto a
 meta-device model, so no fp32 weight is ever allocated), samples one batch, and prints JSON with
-the RSS after imports (the Python + PyTorch baseline every variant pays) and the peak.
+the RSS after imports (the Python + PyTorch baseline every variant pays), the RSS and peak after
+loading, the peak while sampling alone (``/proc/self/clear_refs`` resets the high-water mark
+after loading) and the overall peak.
 """
 
 from __future__ import annotations
@@ -57,11 +59,22 @@ def _main(argv: list[str] | None = None) -> None:
             out = model(x.to(dtype), t)
             return (out.sample if hasattr(out, "sample") else out).float()
 
-    sample(_Eps(), spec.scheduler, n=a.batch, batch_size=a.batch, steps=a.steps, shape=spec.shape, progress=False)
+    loaded = _status_mb("VmRSS")
     # VmHWM, not getrusage's ru_maxrss: Linux carries ru_maxrss over fork+exec, so a child would
     # report its parent's peak whenever that is higher
-    peak = _status_mb("VmHWM")
-    print(json.dumps({"baseline_mb": base, "peak_mb": peak}))
+    load_peak = _status_mb("VmHWM")
+    sampling_peak = None
+    try:  # "5" resets VmHWM to the current RSS (Linux >= 4.0): the peak of sampling alone
+        Path("/proc/self/clear_refs").write_text("5")
+        reset = True
+    except OSError:
+        reset = False
+    sample(_Eps(), spec.scheduler, n=a.batch, batch_size=a.batch, steps=a.steps, shape=spec.shape, progress=False)
+    if reset:
+        sampling_peak = _status_mb("VmHWM")
+    peak = max(load_peak, sampling_peak) if sampling_peak is not None else _status_mb("VmHWM")
+    print(json.dumps({"baseline_mb": base, "loaded_mb": loaded, "load_peak_mb": load_peak,
+                      "sampling_peak_mb": sampling_peak, "peak_mb": peak}))
 
 
 def measure(model: str, dtype: str, checkpoint: "Path | None", batch: int, steps: int, threads: int) -> dict:

@@ -132,6 +132,15 @@ def _fmt_paths(paths: dict) -> str:
     return ", ".join(f"{k}: {n}" if len(paths) > 1 or n > 1 else k for k, n in paths.items())
 
 
+def _above(m: dict, fp: dict, key: str) -> str:
+    """``m[key]`` above the process baseline in MB, with its ratio to the FP32 row's."""
+    if m.get(key) is None:
+        return "–"
+    a = m[key] - m["baseline_mb"]
+    fp_a = fp[key] - fp["baseline_mb"] if fp.get(key) is not None else None
+    return f"{a:.0f}" + (f" ({a / fp_a:.2f})" if fp_a else "")
+
+
 def markdown(results: list[dict], command: str, threads: int) -> str:
     """The report: one table per model, ratios to FP32 eager from the same run."""
     cpu = cpu_name()
@@ -142,31 +151,33 @@ def markdown(results: list[dict], command: str, threads: int) -> str:
            " images with FP32's from the same initial noise. 'build s' is quantize + save + load (or quantize +"
            " calibrate for peers); 'first run s' is the untimed first sampling run, which includes"
            " torch.compile's compilation for compiled variants. Peak RSS is measured in a fresh process per eager"
-           " variant (loading, then sampling one batch for 2 steps); the 'above baseline' column subtracts the"
-           " RSS of the interpreter with torch and diffusers imported, which every variant pays.", ""]
+           " variant (loading, then sampling one batch for 2 steps); the 'above baseline' columns subtract the"
+           " RSS of the interpreter with torch and diffusers imported, which every variant pays. 'While"
+           " sampling' is the peak after loading (the high-water mark reset once the model is loaded): what"
+           " the loaded model needs to run, without the transient peak of building it.", ""]
     for res in results:
         out += [f"## {res['model']}: {res['description']}", "",
                 f"Batch {res['batch']}, DDIM {res['steps']} steps, {res['repeats']} timed repeats.", "",
                 "| variant | s / batch | images/s | × FP32 | SQNR vs FP32 (dB) | checkpoint B (× fp32) |"
-                " peak RSS MB | RSS above baseline MB (× FP32) | compute paths | build s | first run s |",
-                "|---|---|---|---|---|---|---|---|---|---|---|"]
+                " peak RSS MB | RSS above baseline MB (× FP32) | while sampling, above baseline MB (× FP32) |"
+                " compute paths | build s | first run s |",
+                "|---|---|---|---|---|---|---|---|---|---|---|---|"]
         fp_bytes = res["rows"][0]["checkpoint_bytes"]
         fp_mem = res["rows"][0].get("memory", {})
-        fp_above = fp_mem.get("peak_mb", 0) - fp_mem.get("baseline_mb", 0) if "peak_mb" in fp_mem else None
         for r in res["rows"]:
             ck = "–" if r["checkpoint_bytes"] is None else f"{r['checkpoint_bytes']:,} ({r['checkpoint_bytes'] / fp_bytes:.3f})"
             m = r.get("memory")
             if m is None:
-                peak = above = "–"
+                peak = above = sampling = "–"
             elif "error" in m:
-                peak, above = "error", m["error"]
+                peak, above, sampling = "error", m["error"], "–"
             else:
-                a = m["peak_mb"] - m["baseline_mb"]
                 peak = f"{m['peak_mb']:.0f}"
-                above = f"{a:.0f}" + (f" ({a / fp_above:.2f})" if fp_above else "")
+                above = _above(m, fp_mem, "peak_mb")
+                sampling = _above(m, fp_mem, "sampling_peak_mb")
             sq = "–" if r["sqnr_db"] is None else f"{r['sqnr_db']:.1f}"
             out.append(f"| {r['name']} | {r['seconds']:.3f} | {r['images_per_s']:.1f} | {r['speedup']:.2f} | {sq} |"
-                       f" {ck} | {peak} | {above} | {_fmt_paths(r['paths'])} | {r['build_seconds']:.0f} |"
+                       f" {ck} | {peak} | {above} | {sampling} | {_fmt_paths(r['paths'])} | {r['build_seconds']:.0f} |"
                        f" {r['first_seconds']:.1f} |")
         out.append("")
     return "\n".join(out) + "\n"
