@@ -39,3 +39,17 @@ def test_markdown_reports_ratios_and_memory_against_the_fp32_row():
 def test_unknown_model_name_names_the_choices():
     with pytest.raises(KeyError, match="bundled, sdlike"):
         MODELS["sd15"]
+
+
+def test_attention_shapes_are_read_off_a_forward_pass():
+    """The tiny UNet (8×8 input, 16 channels and 2 heads of 8 at 4×4) has four attention layers,
+    all of one shape: the down block's, the mid block's and the up block's two."""
+    from conftest import make_unet, unet_inputs
+
+    from lowbit.bench.attention import attention_shapes
+
+    unet = make_unet()
+    x, t = unet_inputs(1, batch=3)[0]
+    attn = [m for m in unet.modules() if hasattr(m, "get_attention_scores")]
+    assert len(attn) == 4 and {m.heads for m in attn} == {2}
+    assert attention_shapes(unet, (x, t)) == [(3 * 2, 4 * 4, 8, 4)]

@@ -29,6 +29,7 @@ from torch import nn
 from ..evaluate.sampling import sample, trajectory_inputs
 from .._platform import cpu_name
 from ..nn import sqnr_db
+from .attention import attention_table
 from .memory import measure
 from .variants import Variant, build_variants, default_workdir
 
@@ -125,7 +126,10 @@ def bench_model(name: str, recipes: tuple[str, ...], peers: tuple[str, ...], ste
         if memory and not v.name.endswith("compile") and (v.name in ("fp32", "bf16") or v.checkpoint):
             row["memory"] = measure(name, v.dtype, v.checkpoint, spec.batch, 2, threads)
         rows.append(row)
-    return dict(model=name, description=spec.description, batch=spec.batch, steps=steps, repeats=repeats, rows=rows)
+    compiled = next((r for r in rows if r["name"].endswith("w8a8 + compile")), None)
+    attention = attention_table(fp, (calib[0][0], calib[0][1]), compiled and 1e3 * compiled["seconds"] / steps)
+    return dict(model=name, description=spec.description, batch=spec.batch, steps=steps, repeats=repeats, rows=rows,
+                attention=attention)
 
 
 def _fmt_paths(paths: dict) -> str:
@@ -180,6 +184,10 @@ def markdown(results: list[dict], command: str, threads: int) -> str:
                        f" {ck} | {peak} | {above} | {sampling} | {_fmt_paths(r['paths'])} | {r['build_seconds']:.0f} |"
                        f" {r['first_seconds']:.1f} |")
         out.append("")
+        if res.get("attention"):
+            out += ["Attention matmuls (QKᵀ + PV) at this model's shapes, operands already quantized"
+                    " (`lowbit.bench.attention`): a native int8 path would only pay where its column beats bf16.",
+                    ""] + res["attention"] + [""]
     return "\n".join(out) + "\n"
 
 
