@@ -222,8 +222,10 @@ def load(path: "str | Path", model: nn.Module, *, compute: str = "auto",
     model. ``dtype=torch.bfloat16`` runs the activations between quantized layers in bf16 (see
     :func:`lowbit.kernels.set_compute`; feed bf16 inputs).
     """
-    if compute not in ("auto", "int8", "bf16", "emulated"):
-        raise CheckpointError(f"unknown compute path {compute!r}: use auto, int8, bf16 or emulated")
+    from .kernels.select import PATHS
+
+    if compute not in PATHS:
+        raise CheckpointError(f"unknown compute path {compute!r}: use {', '.join(PATHS)}")
     meta, tensors = read_checkpoint(path)
     layers = _json(meta, "layers")
     if quant_layers(model):

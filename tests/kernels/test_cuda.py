@@ -37,3 +37,21 @@ def test_set_compute_picks_int_mm_for_cuda_linear():
     assert set(chosen.values()) == {"native int8 (_int_mm)"}
     assert choose_path(model[0], "auto") == "int8"
     assert lowbit.nn.sqnr_db(emulated, native) > 60
+
+
+def test_set_compute_picks_scaled_mm_for_fp8_linears_on_fp8_gpus():
+    import lowbit
+    from lowbit.kernels.scaled_mm import fp8_available
+
+    if not fp8_available(torch.device("cuda")):
+        pytest.skip("this GPU has no FP8 tensor cores (compute capability < 8.9)")
+    model = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.SiLU(), torch.nn.Linear(64, 32)).cuda()
+    calib = [torch.randn(16, 64, device="cuda") for _ in range(2)]
+    lowbit.quantize(model, "fp8", calib, progress=False)
+    x = torch.randn(16, 64, device="cuda")
+    with torch.no_grad():
+        emulated = model(x)
+        chosen = set_compute(model, "auto")
+        native = model(x)
+    assert set(chosen.values()) == {"native fp8 (_scaled_mm)"}
+    assert lowbit.nn.sqnr_db(emulated, native) > 35

@@ -1,9 +1,10 @@
 """Real low-bit execution of quantized layers (instead of dequantize-then-float emulation).
 
-* :mod:`.select` — :func:`set_compute` picks and installs each layer's path (native int8 / bf16 /
-  emulated), automatically per device and shape or as requested;
+* :mod:`.select` — :func:`set_compute` picks and installs each layer's path (native int8 /
+  native fp8 / bf16 / emulated), automatically per device and shape or as requested;
 * :mod:`.onednn` — W8A8 Conv2d and Linear on CPU via oneDNN's integer primitives;
 * :mod:`.int_mm` — W8A8 Linear via ``torch._int_mm`` (CUDA), with the exact integer reference;
+* :mod:`.scaled_mm` — FP8 E4M3 Linear via ``torch._scaled_mm`` (CUDA with FP8 tensor cores);
 * :mod:`.bf16` — minifloat (FP8/FP6/FP4) and weight-only layers computed in bf16 on exact values.
 """
 

@@ -5,6 +5,9 @@ A quantized layer can run three ways; its report row says which one it runs:
 ``native int8``  integer GEMM/convolution: oneDNN on CPU (:mod:`.onednn`), ``torch._int_mm`` for
                  Linear on CUDA (:mod:`.int_mm`). Needs INT weights of ≤ 8 bits with symmetric
                  tensor/channel scales and a calibrated per-tensor INT activation quantizer.
+``native fp8``   FP8 E4M3 × E4M3 Linear on ``torch._scaled_mm`` (:mod:`.scaled_mm`): chosen by
+                 ``auto`` on CUDA GPUs with FP8 tensor cores (compute capability ≥ 8.9); ``"fp8"``
+                 forces it on any device (on CPU it is slower than bf16, but computes the same).
 ``bf16``         exact unscaled operands in bf16, scales in float32 (:mod:`.bf16`): minifloat
                  formats (FP8, FP6, FP4) and weight-only layers, and INT convolutions on CUDA.
 ``emulated``     dequantize, then float32 (:mod:`lowbit.nn`): everything else — group-wise scales,
@@ -25,10 +28,11 @@ from ..errors import PlanError
 from . import onednn
 from .bf16 import Bf16Kernel, exact_in_bf16
 from .int_mm import IntMMLinearKernel
+from .scaled_mm import Fp8LinearKernel, fp8_available, is_e4m3fn
 
 __all__ = ["PATHS", "choose_path", "set_compute"]
 
-PATHS = ("auto", "int8", "bf16", "emulated")
+PATHS = ("auto", "int8", "fp8", "bf16", "emulated")
 
 # Below this reduction length an int8 kernel has too little work to amortise the activation
 # quantization: the 1-channel conv_in, the 3-channel RGB stem, tiny embeddings.
@@ -64,6 +68,15 @@ def _int8_ok(layer, device: torch.device) -> bool:
     return False
 
 
+def _fp8_ok(layer, device: torch.device, forced: bool) -> bool:
+    wq, aq = layer.weight_quant, layer.input_quant
+    if type(layer).__name__ != "QuantLinear" or not (_weight_ok(layer) and is_e4m3fn(wq.fmt)):
+        return False
+    if not (aq.enabled and is_e4m3fn(aq.fmt) and aq.granularity.kind == "tensor" and bool(aq.calibrated)):
+        return False
+    return forced or fp8_available(device)
+
+
 def _bf16_ok(layer) -> bool:
     wq, aq = layer.weight_quant, layer.input_quant
     if not (_weight_ok(layer) and exact_in_bf16(wq.fmt)):
@@ -82,6 +95,8 @@ def choose_path(layer, requested: str = "auto", device: "torch.device | None" = 
         return "emulated"  # too little work per output to pay for quantizing the input
     if requested in ("auto", "int8") and _int8_ok(layer, device):
         return "int8"
+    if requested in ("auto", "fp8") and _fp8_ok(layer, device, forced=requested == "fp8"):
+        return "fp8"
     if requested in ("auto", "bf16") and _bf16_ok(layer):
         return "bf16"
     return "emulated"
@@ -127,6 +142,8 @@ def _build(layer, path: str, dtype: torch.dtype):
     bias = None if layer.bias is None else layer.bias.detach()
     if path == "bf16":
         return Bf16Kernel(vals, w_scale, bias, act, _conv_args(layer) if is_conv else None)
+    if path == "fp8":
+        return Fp8LinearKernel(vals, w_scale, bias, act)
     w_int8 = vals.to(torch.int8)
     if layer.weight_quant.scale.device.type == "cuda":
         return IntMMLinearKernel(w_int8, w_scale, bias, act[1], int(act[2]))
