@@ -56,3 +56,21 @@ def test_train_forwards_its_arguments(capsys):
     with pytest.raises(SystemExit):
         main(["train", "--help"])
     assert "--steps" in capsys.readouterr().out
+
+
+def test_evaluate_runs_checkpoints_on_the_requested_compute_path(tmp_path, capsys):
+    import torch
+
+    import lowbit
+    from lowbit.zoo.fmnist_unet import load_fmnist_unet
+
+    g = torch.Generator().manual_seed(0)
+    calib = [(torch.randn(4, 1, 28, 28, generator=g), torch.tensor([t])) for t in (999, 500, 1)]
+    ckpt = lowbit.save(lowbit.quantize(load_fmnist_unet(), "w8a8", calib, progress=False), tmp_path / "q.safetensors")
+    argv = ["evaluate", str(ckpt), "--samples", "12", "--steps", "2", "--quiet", "--out", str(tmp_path / "ev")]
+    assert main(argv + ["--compute", "emulated"]) == 0
+    out = capsys.readouterr().out
+    assert "| q (emulated) |" in out and "| fp32 |" in out
+    with pytest.raises(SystemExit) as e:  # argparse's own one-line error for an unknown choice
+        main(argv + ["--compute", "fast"])
+    assert e.value.code == 2 and "invalid choice: 'fast'" in capsys.readouterr().err

@@ -15,6 +15,7 @@ import torch
 from . import formats as F
 from .errors import EvaluationError, LowbitError
 from .io import fp32_safetensors_bytes, load, save
+from .kernels.select import PATHS
 from .nn import sqnr_db
 from .plan import RECIPES, recipe
 from .quantize import quantize
@@ -86,14 +87,14 @@ def _cmd_demo(args: argparse.Namespace) -> None:
     run_demo(args.out, tuple(args.recipes), args.protocol, args.samples, args.steps, progress=not args.quiet)
 
 
-def _bundled_with(checkpoint: str | None) -> torch.nn.Module:
+def _bundled_with(checkpoint: str | None, compute: str = "auto") -> torch.nn.Module:
     from .zoo.fmnist_unet import build_fmnist_unet, load_fmnist_unet
 
     if checkpoint is None:
         return load_fmnist_unet()
     with torch.device("meta"):
         fresh = build_fmnist_unet()
-    return load(checkpoint, fresh)
+    return load(checkpoint, fresh, compute=compute)
 
 
 def _cmd_evaluate(args: argparse.Namespace) -> None:
@@ -113,8 +114,8 @@ def _cmd_evaluate(args: argparse.Namespace) -> None:
     models = {"fp32": _bundled_with(None)}
     sizes = {}
     for ck in args.checkpoints:
-        name = Path(ck).stem
-        models[name] = _bundled_with(ck)
+        name = Path(ck).stem + ("" if args.compute == "auto" else f" ({args.compute})")
+        models[name] = _bundled_with(ck, args.compute)
         sizes[name] = Path(ck).stat().st_size
     results = evaluate(models, FMNIST_SCHEDULER_CONFIG, proto, sizes=sizes, progress=not args.quiet,
                        save_features=args.out if args.save_features else None)
@@ -183,6 +184,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--sampler", choices=["ddim", "dpm"])
     s.add_argument("--out", default="runs/evaluate")
     s.add_argument("--quiet", action="store_true")
+    s.add_argument("--compute", default="auto", choices=list(PATHS),
+                   help="compute path of the checkpoints (default auto: native kernels; emulated: the simulated"
+                        " model bit for bit)")
     s.add_argument("--save-features", action="store_true",
                    help="also write the FP model's sample features per seed into --out (for --seed-spread)")
     s.add_argument("--seed-spread", nargs="+", metavar="FEATURES",

@@ -1,10 +1,10 @@
-"""CUDA paths (``torch._int_mm`` W8A8 Linear chosen by ``set_compute``): run only where a CUDA
-GPU exists; on CPU-only machines every test here is skipped with the reason shown by ``-ra``."""
+"""CUDA paths (``torch._int_mm`` W8A8 and ``torch._scaled_mm`` FP8 Linear chosen by
+``set_compute``): run only where a CUDA GPU exists; on CPU-only machines every test here is skipped with the reason shown by ``-ra``."""
 
 import pytest
 import torch
 
-from lowbit.kernels import choose_path, linear_w8a8_reference, set_compute
+from lowbit.kernels import linear_w8a8_reference, set_compute
 from lowbit.kernels.int_mm import IntMMLinearKernel
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU on this machine (CPU-only run)")
@@ -23,35 +23,21 @@ def test_int_mm_kernel_matches_the_integer_reference_on_cuda():
     assert (out - ref).abs().max().item() <= lsb
 
 
-def test_set_compute_picks_int_mm_for_cuda_linear():
-    import lowbit
-
-    model = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.SiLU(), torch.nn.Linear(64, 32)).cuda()
-    calib = [torch.randn(16, 64, device="cuda") for _ in range(2)]
-    lowbit.quantize(model, "w8a8", calib, progress=False)
-    x = torch.randn(16, 64, device="cuda")
-    with torch.no_grad():
-        emulated = model(x)
-        chosen = set_compute(model, "auto")
-        native = model(x)
-    assert set(chosen.values()) == {"native int8 (_int_mm)"}
-    assert choose_path(model[0], "auto") == "int8"
-    assert lowbit.nn.sqnr_db(emulated, native) > 60
-
-
-def test_set_compute_picks_scaled_mm_for_fp8_linears_on_fp8_gpus():
+@pytest.mark.parametrize("recipe, path, floor", [("w8a8", "native int8 (_int_mm)", 60),
+                                                  ("fp8", "native fp8 (_scaled_mm)", 35)])
+def test_set_compute_picks_the_native_linear_on_cuda(recipe, path, floor):
     import lowbit
     from lowbit.kernels.scaled_mm import fp8_available
 
-    if not fp8_available(torch.device("cuda")):
+    if recipe == "fp8" and not fp8_available(torch.device("cuda")):
         pytest.skip("this GPU has no FP8 tensor cores (compute capability < 8.9)")
     model = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.SiLU(), torch.nn.Linear(64, 32)).cuda()
     calib = [torch.randn(16, 64, device="cuda") for _ in range(2)]
-    lowbit.quantize(model, "fp8", calib, progress=False)
+    lowbit.quantize(model, recipe, calib, progress=False)
     x = torch.randn(16, 64, device="cuda")
     with torch.no_grad():
         emulated = model(x)
         chosen = set_compute(model, "auto")
         native = model(x)
-    assert set(chosen.values()) == {"native fp8 (_scaled_mm)"}
-    assert lowbit.nn.sqnr_db(emulated, native) > 35
+    assert set(chosen.values()) == {path}
+    assert lowbit.nn.sqnr_db(emulated, native) > floor

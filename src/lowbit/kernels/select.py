@@ -1,6 +1,6 @@
 """Choosing and installing the compute path of each quantized layer (``set_compute``).
 
-A quantized layer can run three ways; its report row says which one it runs:
+A quantized layer can run four ways; its report row says which one it runs:
 
 ``native int8``  integer GEMM/convolution: oneDNN on CPU (:mod:`.onednn`), ``torch._int_mm`` for
                  Linear on CUDA (:mod:`.int_mm`). Needs INT weights of ≤ 8 bits with symmetric
