@@ -195,3 +195,14 @@ def test_bf16_activation_table_equals_the_computed_values(name, compiled, monkey
     nhwc = act(x, nhwc=True)
     assert nhwc.is_contiguous(memory_format=torch.channels_last) and torch.equal(nhwc.float().nan_to_num(7.0),
                                                                                  got.float().nan_to_num(7.0))
+
+
+def test_activation_tables_live_on_the_weights_device():
+    """The lookup table and scale tensors go where the layer is (a CPU table cannot be indexed by
+    a CUDA activation); checked with the meta device, which every machine has."""
+    w = torch.zeros(8, 16, device="meta")
+    k = Bf16Kernel(w, torch.ones(8, device="meta"), None, (parse("fp8_e4m3"), 0.1, 0.0))
+    assert k.w.device.type == "meta"
+    assert k.act.table.device.type == "meta" and k.act.params.device.type == "meta"
+    cpu = Bf16Kernel(torch.zeros(8, 16), torch.ones(8), None, (parse("fp8_e4m3"), 0.1, 0.0))
+    assert cpu.act.table.device.type == "cpu" and cpu.act.table.shape == (65536,)

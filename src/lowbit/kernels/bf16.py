@@ -87,15 +87,17 @@ class _ActValues:
     """Unscaled format values of an activation quantizer, as bf16 (minifloats on bf16 inputs
     by table lookup, everything else computed)."""
 
-    def __init__(self, fmt, scale: float, zero: float) -> None:
+    def __init__(self, fmt, scale: float, zero: float, device: "torch.device | str | None" = None) -> None:
         if not exact_in_bf16(fmt):
             raise FormatError(f"{fmt.name} activations are not exact in bf16; use the emulated path")
         self.fmt = fmt
         # bounds read once here: computing them inside a compiled graph would break it
         lo, hi = (fmt.min_value - zero, fmt.max_value - zero) if fmt.kind == "int" else (fmt.min_value, fmt.max_value)
-        self.params = torch.tensor([float(scale), lo, hi, float(zero)], dtype=torch.float32)
-        # ints compute as fast as they look up (one multiply-round); minifloats do not
-        self.table = _bf16_table(self.params, fmt) if fmt.kind == "fp" else None
+        params = torch.tensor([float(scale), lo, hi, float(zero)], dtype=torch.float32)
+        # ints compute as fast as they look up (one multiply-round); minifloats do not. Both live
+        # on the layer's device: a CPU table cannot be indexed by a CUDA tensor
+        self.table = _bf16_table(params, fmt).to(device) if fmt.kind == "fp" else None
+        self.params = params.to(device)
         # looked up now, not per call: a cached function called inside torch.compile is a hazard
         self.fns = {nhwc: _values_fn(fmt, nhwc) for nhwc in (False, True)}
 
@@ -123,7 +125,7 @@ class Bf16Kernel:
 
     def __init__(self, w_values: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None,
                  act: tuple | None, conv: tuple | None = None) -> None:
-        self.act = _ActValues(*act) if act is not None else None
+        self.act = _ActValues(*act, device=w_values.device) if act is not None else None
         s_x = float(act[1]) if act is not None else 1.0
         scale = w_scale.reshape(-1).double() * s_x
         w = w_values.double() * scale.reshape((-1,) + (1,) * (w_values.dim() - 1))

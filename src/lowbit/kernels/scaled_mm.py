@@ -86,7 +86,7 @@ class Fp8LinearKernel:
         s_w[:n] = w_scale.reshape(-1).float()
         self.s_w = s_w.reshape(1, -1)
         self.s_x = float(scale)
-        self.act = _ActValues(*act)
+        self.act = _ActValues(*act, device=device)
         self.bias = None
         if bias is not None:
             b = torch.zeros(self.np, dtype=torch.bfloat16, device=device)
