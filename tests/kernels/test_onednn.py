@@ -283,3 +283,26 @@ def test_reference_is_not_trivially_satisfied():
     with pytest.raises(AssertionError):
         check_close(wrong, ref_output(acc, s_x, w_scale, None, (-1,)), acc, s_x, w_scale, None, (-1,))
     assert math.isfinite(float(wrong.abs().max()))
+
+
+def test_repacking_for_new_shapes_keeps_the_weights_exact():
+    """The kernels re-lay their packed weight for each new input shape (oneDNN's blocking depends
+    on the whole problem); the int8 values survive any number of repacks, and a kernel that has
+    been repacked computes exactly what a kernel freshly built for that shape does."""
+    g = torch.Generator().manual_seed(7)
+    fmt, s_x, z_x = _act("uint8")
+    w = _weights((64, 32, 3, 3), "int8", g)
+    ws = torch.rand(64, generator=g) * 0.01 + 1e-3
+    conv = Int8Conv2dKernel(w, ws, None, fmt, s_x, z_x, (1, 1), (1, 1), (1, 1), 1)
+    wl = _weights((48, 32), "int8", g)
+    lin = Int8LinearKernel(wl, ws[:48], None, fmt, s_x, z_x)
+    for n, h in ((2, 8), (4, 16), (1, 5), (2, 8)):
+        x = torch.randn(n, 32, h, h, generator=g)
+        y = conv(x)
+        assert conv.packed_for == (n, 32, h, h)
+        assert torch.equal(y, Int8Conv2dKernel(w, ws, None, fmt, s_x, z_x, (1, 1), (1, 1), (1, 1), 1)(x))
+        xl = torch.randn(n * h, 32, generator=g)
+        assert torch.equal(lin(xl), Int8LinearKernel(wl, ws[:48], None, fmt, s_x, z_x)(xl))
+        assert lin.packed_for == (n * h, 32)
+    assert torch.equal(conv.packed.to_dense(), w)
+    assert torch.equal(lin.packed.to_dense().t(), wl)

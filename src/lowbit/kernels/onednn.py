@@ -143,13 +143,27 @@ class Int8Conv2dKernel:
         self.args = (list(stride), list(padding), list(dilation), int(groups))
         self.w_zero = torch.zeros(w_int8.shape[0], dtype=torch.int64)
         self.out_channels, self.kernel_size = w_int8.shape[0], tuple(w_int8.shape[2:])
-        self.packed = torch.ops.onednn.qconv_prepack(w_int8, self.w_scale, self.act.scale, self.act.zero,
-                                                     *self.args, None)
+        self.packed, self.packed_for = self._prepack(w_int8, None), None
         self.kid = _register(self)
+
+    def _prepack(self, w_int8: torch.Tensor, x_shape: list | None) -> torch.Tensor:
+        return torch.ops.onednn.qconv_prepack(w_int8, self.w_scale, self.act.scale, self.act.zero, *self.args,
+                                              x_shape)
+
+    def repack_for(self, shape: tuple) -> None:
+        """Re-lay the packed weight for inputs of ``shape``. oneDNN's convolution picks its weight
+        blocking from the whole problem (batch and spatial size too); a weight packed for another
+        shape is re-laid out on *every* call — measured 1 ms per 512×512×3×3 conv at 8×8, 5 % of an
+        SD-like step. The input shape is only known at run time, so the first call with a new
+        shape repacks (from the packed weight itself, which is the only copy once a model's codes
+        are released: ``to_dense`` gives back the exact int8 values)."""
+        if self.packed_for != shape:
+            self.packed, self.packed_for = self._prepack(self.packed.to_dense(), list(shape)), shape
 
     def run(self, codes: torch.Tensor, nhwc: bool = False) -> torch.Tensor:
         """The oneDNN call on uint8 codes (any layout; oneDNN wants NHWC, converting the codes
         is 4× cheaper than converting the float input). Output NCHW unless ``nhwc``."""
+        self.repack_for(tuple(codes.shape))
         q = codes.contiguous(memory_format=torch.channels_last)
         y = torch.ops.onednn.qconv2d_pointwise(q, self.act.scale, self.act.zero, self.packed, self.w_scale,
                                                 self.w_zero, self.bias, *self.args, 1.0, 0, self.out_dtype,
@@ -189,11 +203,19 @@ class Int8LinearKernel:
         self.bias = None if bias is None else bias.detach().float().contiguous()
         self.out_features, self.in_features = w_int8.shape
         self.w_zero = torch.zeros(self.out_features, dtype=torch.int64)
-        self.packed = torch.ops.onednn.qlinear_prepack(w_int8, None)
+        self.packed, self.packed_for = torch.ops.onednn.qlinear_prepack(w_int8, None), None
         self.kid = _register(self)
+
+    def repack_for(self, shape: tuple) -> None:
+        """Re-lay the packed weight for ``[M, K]`` inputs of ``shape`` (as the convolution does:
+        a matmul packed for its real M measured 8–16 % faster). The packed weight is ``[K, N]``."""
+        if self.packed_for != shape:
+            w_int8 = self.packed.to_dense().t().contiguous()
+            self.packed, self.packed_for = torch.ops.onednn.qlinear_prepack(w_int8, list(shape)), shape
 
     def run(self, codes: torch.Tensor, nhwc: bool = False) -> torch.Tensor:
         """The oneDNN call on 2-D uint8 codes ``[M, K]`` (``nhwc`` does not apply)."""
+        self.repack_for(tuple(codes.shape))
         return torch.ops.onednn.qlinear_pointwise(codes.contiguous(), self.act.scale, self.act.zero, self.packed,
                                                    self.w_scale, self.w_zero, self.bias, 1.0, 0, self.out_dtype,
                                                    "none", _NO_POSTOP, "")
