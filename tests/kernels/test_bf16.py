@@ -206,3 +206,24 @@ def test_activation_tables_live_on_the_weights_device():
     assert k.act.table.device.type == "meta" and k.act.params.device.type == "meta"
     cpu = Bf16Kernel(torch.zeros(8, 16), torch.ones(8), None, (parse("fp8_e4m3"), 0.1, 0.0))
     assert cpu.act.table.device.type == "cpu" and cpu.act.table.shape == (65536,)
+
+
+@pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="no oneDNN in this PyTorch build")
+def test_packed_conv_weight_equals_the_plain_bf16_convolution():
+    """On CPU the convolution runs oneDNN's bf16 primitive on a weight packed for each new input
+    shape; it computes the plain bf16 ``conv2d`` of the same operands (within bf16 output
+    rounding), through any number of repacks, and its weight keeps its exact values."""
+    g = torch.Generator().manual_seed(3)
+    vals = torch.randint(-8, 8, (32, 16, 3, 3), generator=g).float()
+    ws = torch.rand(32, generator=g) * 0.01 + 1e-3
+    bias = torch.randn(32, generator=g)
+    kern = Bf16Kernel(vals, ws, bias, None, ((1, 1), (1, 1), (1, 1), 1))
+    assert kern.kid is not None, "the CPU kernel should use the packed oneDNN convolution"
+    w_bf16 = kern.w.to_dense().clone()
+    for n, h in ((2, 8), (3, 13), (2, 8)):
+        x = torch.randn(n, 16, h, h, generator=g).bfloat16()
+        y = kern(x)
+        assert kern.packed_for == (n, 16, h, h) and y.is_contiguous()
+        ref = F.conv2d(x.float(), w_bf16.float(), bias.bfloat16().float(), 1, 1)
+        assert torch.allclose(y.float(), ref, rtol=2 ** -7, atol=1e-2 * float(ref.abs().max()) * 2 ** -7)
+    assert torch.equal(kern.w.to_dense(), w_bf16)

@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from ..errors import FormatError
 from .._compiled import run_compiled, use_compiled_helpers
 from ..formats import round_minifloat_clamped
+from . import onednn
 
 __all__ = ["Bf16Kernel", "exact_in_bf16"]
 
@@ -132,14 +133,49 @@ class Bf16Kernel:
         self.w = w.to(torch.bfloat16)
         self.bias = None if bias is None else bias.detach().to(torch.bfloat16)
         self.conv = conv
+        self.packed_for, self.kid = None, None
         if conv is not None:
             self.w = self.w.contiguous(memory_format=torch.channels_last)
+            if self.w.device.type == "cpu" and torch.backends.mkldnn.is_available():
+                self.w, self.kid = self.w.to_mkldnn(), onednn.register(self)
+
+    def repack_for(self, shape: tuple) -> None:
+        """Lay the bf16 weight out for convolution inputs of ``shape``, as the int8 kernels do: a
+        plain weight is re-laid out by oneDNN on every call (4.6 % of an SD-like FP8 step), and
+        packed for its real shape the 512-channel convolutions run 20–30 % faster."""
+        if self.packed_for != shape:
+            (stride, padding, dilation, groups), w = self.conv, self.w.to_dense()
+            self.w = torch._C._nn.mkldnn_reorder_conv2d_weight(w.to_mkldnn(), list(padding), list(stride),
+                                                              list(dilation), groups, list(shape))
+            self.packed_for = shape
+
+    def run(self, v: torch.Tensor, nhwc: bool) -> torch.Tensor:
+        """oneDNN's bf16 convolution with the packed weight on NHWC bf16 values ``v`` (CPU)."""
+        self.repack_for(tuple(v.shape))
+        stride, padding, dilation, groups = self.conv
+        y = torch.ops.mkldnn._convolution_pointwise(v.contiguous(memory_format=torch.channels_last), self.w,
+                                                    self.bias, list(padding), list(stride), list(dilation), groups,
+                                                    "none", [], "")
+        return y if nhwc else y.contiguous()
+
+    def fake(self, v: torch.Tensor, nhwc: bool) -> torch.Tensor:
+        """Output shape/layout of :meth:`run` (for ``torch.compile``)."""
+        (sh, sw), (ph, pw), (dh, dw), _ = self.conv
+        kh, kw = self.w.shape[2:]
+        n, _, h, w = v.shape
+        ho = (h + 2 * ph - dh * (kh - 1) - 1) // sh + 1
+        wo = (w + 2 * pw - dw * (kw - 1) - 1) // sw + 1
+        return torch.empty((n, self.w.shape[0], ho, wo), dtype=torch.bfloat16, device=v.device,
+                           memory_format=torch.channels_last if nhwc else torch.contiguous_format)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         nhwc = self.conv is not None
         v = self.act(x, nhwc) if self.act is not None else x.to(torch.bfloat16)
         if self.conv is None:
             y = F.linear(v, self.w, self.bias)
+        elif self.kid is not None:  # (compiled, the consumer reads the NHWC output in place)
+            y = onednn.run_op(v.contiguous(memory_format=torch.channels_last), self.kid,
+                              torch.compiler.is_compiling())
         else:
             # oneDNN's NHWC bf16 convolution is the fast one; the output goes back to NCHW, as
             # Int8Conv2dKernel's does (NHWC GroupNorm downstream is far slower)

@@ -46,20 +46,22 @@ _REGISTRY: "weakref.WeakValueDictionary[int, object]" = weakref.WeakValueDiction
 _IDS = itertools.count()
 
 
-def _register(kernel) -> int:
+def register(kernel) -> int:
+    """Enter ``kernel`` (an object with ``run(x, nhwc)`` and ``fake(x, nhwc)``) in the registry
+    of :func:`run_op`; returns its id."""
     kid = next(_IDS)
     _REGISTRY[kid] = kernel
     return kid
 
 
 @torch.library.custom_op("lowbit::onednn_run", mutates_args=())
-def _run_op(codes: torch.Tensor, kid: int, nhwc: bool) -> torch.Tensor:
+def run_op(codes: torch.Tensor, kid: int, nhwc: bool) -> torch.Tensor:
     """One opaque operator for every oneDNN kernel: ``kid`` picks the kernel (conv or linear);
     ``nhwc``: a convolution returns oneDNN's NHWC output as is (else NCHW)."""
     return _REGISTRY[kid].run(codes, nhwc)
 
 
-@_run_op.register_fake
+@run_op.register_fake
 def _(codes: torch.Tensor, kid: int, nhwc: bool) -> torch.Tensor:
     return _REGISTRY[kid].fake(codes, nhwc)
 
@@ -144,7 +146,7 @@ class Int8Conv2dKernel:
         self.w_zero = torch.zeros(w_int8.shape[0], dtype=torch.int64)
         self.out_channels, self.kernel_size = w_int8.shape[0], tuple(w_int8.shape[2:])
         self.packed, self.packed_for = self._prepack(w_int8, None), None
-        self.kid = _register(self)
+        self.kid = register(self)
 
     def _prepack(self, w_int8: torch.Tensor, x_shape: list | None) -> torch.Tensor:
         return torch.ops.onednn.qconv_prepack(w_int8, self.w_scale, self.act.scale, self.act.zero, *self.args,
@@ -184,9 +186,9 @@ class Int8Conv2dKernel:
         if torch.compiler.is_compiling():
             # in a compiled model inductor writes the codes NHWC inside the kernel that computes
             # them and reads the NHWC output inside the kernel that consumes it: no copies
-            y = _run_op(self.act(x).contiguous(memory_format=torch.channels_last), self.kid, True)
+            y = run_op(self.act(x).contiguous(memory_format=torch.channels_last), self.kid, True)
         else:
-            y = _run_op(self.act(x), self.kid, False)
+            y = run_op(self.act(x), self.kid, False)
         return y if x.dtype == self.out_dtype else y.to(x.dtype)
 
 
@@ -204,7 +206,7 @@ class Int8LinearKernel:
         self.out_features, self.in_features = w_int8.shape
         self.w_zero = torch.zeros(self.out_features, dtype=torch.int64)
         self.packed, self.packed_for = torch.ops.onednn.qlinear_prepack(w_int8, None), None
-        self.kid = _register(self)
+        self.kid = register(self)
 
     def repack_for(self, shape: tuple) -> None:
         """Re-lay the packed weight for ``[M, K]`` inputs of ``shape`` (as the convolution does:
@@ -226,6 +228,6 @@ class Int8LinearKernel:
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         lead = x.shape[:-1]
-        y = _run_op(self.act(x.reshape(-1, self.in_features)), self.kid, False)
+        y = run_op(self.act(x.reshape(-1, self.in_features)), self.kid, False)
         y = y.reshape(*lead, self.out_features)
         return y if x.dtype == self.out_dtype else y.to(x.dtype)
