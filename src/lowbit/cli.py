@@ -130,8 +130,26 @@ def _cmd_bench(args: argparse.Namespace) -> None:
     if args.steps <= 0 or args.repeats <= 0:
         raise EvaluationError("--steps and --repeats must be positive")
     cmd = "lowbit bench " + " ".join(sys.argv[2:]) if len(sys.argv) > 2 else "lowbit bench"
+    if args.device is not None:
+        return _cmd_bench_device(args, cmd.strip())
     bench(tuple(args.models), tuple(args.recipes), tuple(args.peers), args.steps, args.repeats, args.threads,
           not args.no_memory, args.out, command=cmd.strip())
+
+
+def _cmd_bench_device(args: argparse.Namespace, cmd: str) -> None:
+    from pathlib import Path
+
+    from .bench.gpu import bench_device, markdown_device
+    from .io import atomic_write
+
+    models = tuple(args.models) if args.models != ["bundled", "sdlike"] else ("sdlike",)
+    results = bench_device(models, tuple(args.recipes), args.device, args.steps, args.repeats, args.batch,
+                           compile_=not args.no_compile)
+    text = markdown_device(results, cmd)
+    out = Path(args.out if args.out != "docs/performance.md" else "docs/performance-gpu.md")
+    atomic_write(out, text.encode())
+    print(text)
+    print(f"wrote {out}")
 
 
 def _cmd_sample(args: argparse.Namespace) -> None:
@@ -212,6 +230,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     s.add_argument("--no-memory", action="store_true", help="skip the per-variant peak-RSS processes")
     s.add_argument("--out", default="docs/performance.md", help="Markdown report to write")
+    s.add_argument("--device", default=None, choices=["cuda", "cpu"],
+                   help="cuda: the GPU benchmark instead (lowbit.bench.gpu: bf16 vs lowbit's CUDA kernels on the"
+                        " SD-like model, ratios to bf16, report docs/performance-gpu.md); cpu: that same reduced"
+                        " benchmark on the CPU, to check it without a GPU. Without --device: the full CPU benchmark")
+    s.add_argument("--batch", type=int, default=None, help="images per batch for --device runs (default: the model's)")
+    s.add_argument("--no-compile", action="store_true", help="--device runs: skip the torch.compile variants")
     s.set_defaults(fn=_cmd_bench)
     s = sub.add_parser("train", help="train the bundled UNet on Fashion-MNIST (resumable); --help for options")
     s.set_defaults(fn=None)  # dispatched in main() to lowbit.train

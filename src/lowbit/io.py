@@ -15,7 +15,6 @@ Writes are atomic: temp file in the same directory, fsync, rename, fsync of the 
 
 from __future__ import annotations
 
-import ctypes
 import hashlib
 import json
 import os
@@ -28,6 +27,7 @@ import safetensors.torch
 import torch
 from torch import nn
 
+from ._platform import trim_heap
 from .errors import CheckpointError, LowbitError
 from .formats import parse_optional
 from .nn import QuantAttnProcessor, QuantModule, QuantWeightLayer, apply_specs, quant_layers
@@ -190,25 +190,24 @@ def _check_arch(expected: dict, model: nn.Module) -> None:
                               " lacks; pass the architecture it was quantized from")
 
 
-def _trim_heap() -> None:
-    """Hand freed heap memory back to the OS (glibc only; elsewhere a no-op). Loading frees a
-    layer's codes and temporaries as its kernel is built; without this, glibc keeps them resident
-    and the process's peak RSS grows by the sum of those fragments."""
-    global _MALLOC_TRIM
-    if _MALLOC_TRIM is None:
-        try:
-            _MALLOC_TRIM = ctypes.CDLL("libc.so.6").malloc_trim
-        except (OSError, AttributeError):
-            _MALLOC_TRIM = False
-    if _MALLOC_TRIM:
-        _MALLOC_TRIM(0)
 
 
-_MALLOC_TRIM = None
+def _device(device) -> torch.device:
+    """``device`` as a torch.device that exists on this machine, or one clear error."""
+    try:
+        d = torch.device("cpu" if device is None else device)
+    except (RuntimeError, TypeError):
+        raise CheckpointError(f"unknown device {device!r}: use 'cpu' or 'cuda'") from None
+    if d.type == "cuda" and not torch.cuda.is_available():
+        raise CheckpointError("device='cuda' was asked for, but this machine has no CUDA GPU (or this PyTorch"
+                              " build has no CUDA); load with device='cpu'")
+    if d.type not in ("cpu", "cuda"):
+        raise CheckpointError(f"device {d.type!r} is not supported: use 'cpu' or 'cuda'")
+    return d
 
 
 def load(path: "str | Path", model: nn.Module, *, compute: str = "auto",
-         dtype: torch.dtype = torch.float32) -> nn.Module:
+         dtype: torch.dtype = torch.float32, device: "str | torch.device | None" = None) -> nn.Module:
     """Load a lowbit checkpoint into ``model``, the *float* architecture it was quantized from.
 
     Build the model under ``torch.device("meta")`` to avoid allocating any fp32 weight; every
@@ -221,11 +220,23 @@ def load(path: "str | Path", model: nn.Module, *, compute: str = "auto",
     never holds more than the kernels, the file's packed bytes and one layer's codes. ``"emulated"`` keeps the codes and computes exactly like the simulated
     model. ``dtype=torch.bfloat16`` runs the activations between quantized layers in bf16 (see
     :func:`lowbit.kernels.set_compute`; feed bf16 inputs).
+
+    ``device="cuda"`` moves the loaded model to the GPU and installs the kernels there (``torch._int_mm``
+    W8A8 and ``torch._scaled_mm`` FP8 Linears, bf16 convolutions); the codes are unpacked on the host
+    first, so host memory briefly holds the model's codes.
     """
     from .kernels.select import PATHS
 
     if compute not in PATHS:
         raise CheckpointError(f"unknown compute path {compute!r}: use {', '.join(PATHS)}")
+    target = _device(device)
+    if target.type != "cpu":  # unpack on the host, move, then build the kernels on the device
+        from .kernels.select import set_compute
+
+        model = load(path, model, compute="emulated").to(target)
+        if compute != "emulated":  # (as on the CPU, ``dtype`` applies to native compute only)
+            set_compute(model, compute, release_codes=True, dtype=dtype)
+        return model
     meta, tensors = read_checkpoint(path)
     layers = _json(meta, "layers")
     if quant_layers(model):
@@ -278,7 +289,7 @@ def load(path: "str | Path", model: nn.Module, *, compute: str = "auto",
         layer._buffers["weight_codes"] = codes
         if streaming:
             install_kernel(layer, compute, dtype, release_codes=True)
-            _trim_heap()
+            trim_heap()
     left = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
     if left:
         raise CheckpointError(f"after loading, {left[0]!r} is still on the meta device (a non-persistent buffer is"

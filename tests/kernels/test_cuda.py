@@ -41,3 +41,22 @@ def test_set_compute_picks_the_native_linear_on_cuda(recipe, path, floor):
         native = model(x)
     assert set(chosen.values()) == {path}
     assert lowbit.nn.sqnr_db(emulated, native) > floor
+
+
+@pytest.mark.parametrize("recipe", ["w8a8", "fp8"])
+def test_load_onto_cuda_installs_the_gpu_kernels(tmp_path, recipe):
+    """``load(..., device="cuda")`` unpacks on the host, moves the model and builds CUDA kernels;
+    its outputs match the emulated model on the CPU."""
+    import lowbit
+    from conftest import make_unet, unet_inputs
+
+    model = lowbit.quantize(make_unet(), recipe, unet_inputs(2, seed=1), progress=False)
+    path = lowbit.save(model, tmp_path / "q.safetensors")
+    x, t = unet_inputs(1, seed=2)[0]
+    with torch.no_grad():
+        ref = lowbit.load(path, make_unet(device="meta"), compute="emulated")(x, t).sample
+        gpu = lowbit.load(path, make_unet(device="meta"), device="cuda")
+        out = gpu(x.cuda(), t.cuda()).sample.cpu()
+    paths = {m.compute_path for m in gpu.modules() if hasattr(m, "compute_path")}
+    assert any(p.startswith("native") or p == "bf16" for p in paths), paths
+    assert lowbit.nn.sqnr_db(ref, out) > 30

@@ -145,3 +145,21 @@ def test_loaded_model_traces_as_one_graph(checkpoints, recipe, dtype):
     explained = torch._dynamo.explain(model)(x.to(dtype), t)
     assert explained.graph_break_count == 0, explained.break_reasons
     assert explained.graph_count == 1
+
+
+@pytest.mark.parametrize("bad", ["bogus", "tpu", 3.5])
+def test_unknown_device_is_refused(checkpoints, bad):
+    with pytest.raises(CheckpointError, match="device"):
+        load(checkpoints("w8a8"), make_unet(device="meta"), device=bad)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a CUDA GPU")
+def test_cuda_without_a_gpu_says_so(checkpoints):
+    with pytest.raises(CheckpointError, match="no CUDA GPU.*device='cpu'"):
+        load(checkpoints("w8a8"), make_unet(device="meta"), device="cuda")
+
+
+def test_device_cpu_is_the_default_load(checkpoints):
+    a = run(load(checkpoints("w8a8"), make_unet(device="meta")))
+    b = run(load(checkpoints("w8a8"), make_unet(device="meta"), device="cpu"))
+    assert torch.equal(a, b)

@@ -29,6 +29,7 @@ from ..errors import FormatError
 from .._compiled import run_compiled, use_compiled_helpers
 from ..formats import round_minifloat_clamped
 from . import onednn
+from .._platform import trim_heap
 
 __all__ = ["Bf16Kernel", "exact_in_bf16"]
 
@@ -148,6 +149,7 @@ class Bf16Kernel:
             self.w = torch._C._nn.mkldnn_reorder_conv2d_weight(w.to_mkldnn(), list(padding), list(stride),
                                                               list(dilation), groups, list(shape))
             self.packed_for = shape
+            trim_heap()
 
     def run(self, v: torch.Tensor, nhwc: bool) -> torch.Tensor:
         """oneDNN's bf16 convolution with the packed weight on NHWC bf16 values ``v`` (CPU)."""

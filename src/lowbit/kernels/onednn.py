@@ -30,6 +30,7 @@ import weakref
 
 import torch
 
+from .._platform import trim_heap
 from .._compiled import disable_compiled_helpers, input_key, run_compiled, use_compiled_helpers
 from ..errors import FormatError
 
@@ -161,6 +162,7 @@ class Int8Conv2dKernel:
         are released: ``to_dense`` gives back the exact int8 values)."""
         if self.packed_for != shape:
             self.packed, self.packed_for = self._prepack(self.packed.to_dense(), list(shape)), shape
+            trim_heap()  # the old packed weight is freed: give its pages back (W4A8 SD-like: 192 -> 180 MB)
 
     def run(self, codes: torch.Tensor, nhwc: bool = False) -> torch.Tensor:
         """The oneDNN call on uint8 codes (any layout; oneDNN wants NHWC, converting the codes
@@ -214,6 +216,7 @@ class Int8LinearKernel:
         if self.packed_for != shape:
             w_int8 = self.packed.to_dense().t().contiguous()
             self.packed, self.packed_for = torch.ops.onednn.qlinear_prepack(w_int8, list(shape)), shape
+            trim_heap()
 
     def run(self, codes: torch.Tensor, nhwc: bool = False) -> torch.Tensor:
         """The oneDNN call on 2-D uint8 codes ``[M, K]`` (``nhwc`` does not apply)."""
