@@ -27,6 +27,7 @@ from torch import nn
 from ..errors import PlanError
 from . import onednn
 from .bf16 import Bf16Kernel, exact_in_bf16
+from .groupnorm import use_nhwc_group_norm
 from .int_mm import IntMMLinearKernel
 from .scaled_mm import Fp8LinearKernel, fp8_available, is_e4m3fn
 
@@ -193,8 +194,7 @@ def set_compute(model: nn.Module, path: str = "auto", *, release_codes: bool = F
         raise PlanError(f"{released[0]!r} (and {len(released) - 1} more) released its codes for inference; load"
                         " the checkpoint again with the compute path you want")
     chosen = {name: install_kernel(layer, path, dtype, release_codes) for name, layer in layers}
-    if dtype != torch.float32:
-        _cast_float_tensors(model, dtype)
+    finish_compute(model, dtype)
     return chosen
 
 
@@ -209,6 +209,13 @@ def install_kernel(layer, path: str, dtype: torch.dtype, release_codes: bool) ->
 
 
 def finish_compute(model: nn.Module, dtype: torch.dtype) -> None:
-    """The model-wide part of :func:`set_compute` after every layer is installed."""
+    """The model-wide part of :func:`set_compute` after every layer is installed: the float
+    tensors in ``dtype``, and (where a layer runs a CPU kernel, whose compiled outputs are NHWC)
+    GroupNorm in the form inductor vectorises on NHWC tensors (:mod:`.groupnorm`)."""
+    from ..nn import QuantWeightLayer
+
     if dtype != torch.float32:
         _cast_float_tensors(model, dtype)
+    cpu_native = any(m.kernel is not None and m.weight_quant.scale.device.type == "cpu"
+                     for m in model.modules() if isinstance(m, QuantWeightLayer))
+    use_nhwc_group_norm(model, cpu_native)
