@@ -195,6 +195,11 @@ def test_bf16_activation_table_equals_the_computed_values(name, compiled, monkey
     nhwc = act(x, nhwc=True)
     assert nhwc.is_contiguous(memory_format=torch.channels_last) and torch.equal(nhwc.float().nan_to_num(7.0),
                                                                                  got.float().nan_to_num(7.0))
+    # inside a compiled graph the lookup is an opaque operator (lowbit::bf16_lookup): same values
+    for layout in (False, True):
+        inside = torch.compile(lambda t, layout=layout: act(t * 1.0, nhwc=layout), dynamic=False)(x)
+        assert inside.is_contiguous(memory_format=torch.channels_last if layout else torch.contiguous_format)
+        assert torch.equal(inside.float().nan_to_num(7.0), got.float().nan_to_num(7.0))
 
 
 def test_activation_tables_live_on_the_weights_device():
