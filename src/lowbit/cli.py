@@ -146,7 +146,8 @@ def _cmd_bench_device(args: argparse.Namespace, cmd: str) -> None:
     results = bench_device(models, tuple(args.recipes), args.device, args.steps, args.repeats, args.batch,
                            compile_=not args.no_compile)
     text = markdown_device(results, cmd)
-    out = Path(args.out if args.out != "docs/performance.md" else "docs/performance-gpu.md")
+    default = "docs/performance-gpu.md" if args.device == "cuda" else "runs/performance-device-cpu.md"
+    out = Path(args.out if args.out != "docs/performance.md" else default)
     atomic_write(out, text.encode())
     print(text)
     print(f"wrote {out}")
@@ -233,7 +234,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--device", default=None, choices=["cuda", "cpu"],
                    help="cuda: the GPU benchmark instead (lowbit.bench.gpu: bf16 vs lowbit's CUDA kernels on the"
                         " SD-like model, ratios to bf16, report docs/performance-gpu.md); cpu: that same reduced"
-                        " benchmark on the CPU, to check it without a GPU. Without --device: the full CPU benchmark")
+                        " benchmark on the CPU, to check it without a GPU (report runs/performance-device-cpu.md). Without"
+                        " --device: the full CPU benchmark")
     s.add_argument("--batch", type=int, default=None, help="images per batch for --device runs (default: the model's)")
     s.add_argument("--no-compile", action="store_true", help="--device runs: skip the torch.compile variants")
     s.set_defaults(fn=_cmd_bench)
