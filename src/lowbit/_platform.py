@@ -5,9 +5,10 @@ from __future__ import annotations
 
 import ctypes
 import platform
+from typing import Callable
 from pathlib import Path
 
-__all__ = ["cpu_name", "trim_heap"]
+__all__ = ["cpu_name", "resolve_device", "trim_heap"]
 
 _MALLOC_TRIM = None
 
@@ -37,3 +38,21 @@ def trim_heap() -> None:
             _MALLOC_TRIM = False
     if _MALLOC_TRIM:
         _MALLOC_TRIM(0)
+
+
+def resolve_device(device, error: Callable[[str], Exception], no_cuda_fix: str):
+    """``device`` (None means the CPU) as a ``torch.device`` that lowbit supports and this
+    machine has; otherwise raise ``error(message)``, the message naming the problem and, for a
+    missing GPU, ``no_cuda_fix``."""
+    import torch
+
+    try:
+        d = torch.device("cpu" if device is None else device)
+    except (RuntimeError, TypeError):
+        raise error(f"unknown device {device!r}: use 'cpu' or 'cuda'") from None
+    if d.type not in ("cpu", "cuda"):
+        raise error(f"device {d.type!r} is not supported: use 'cpu' or 'cuda'")
+    if d.type == "cuda" and not torch.cuda.is_available():
+        raise error(f"device 'cuda' was asked for, but this machine has no CUDA GPU (or this PyTorch build has"
+                    f" no CUDA); {no_cuda_fix}")
+    return d

@@ -27,7 +27,7 @@ import safetensors.torch
 import torch
 from torch import nn
 
-from ._platform import trim_heap
+from ._platform import resolve_device, trim_heap
 from .errors import CheckpointError, LowbitError
 from .formats import parse_optional
 from .nn import QuantAttnProcessor, QuantModule, QuantWeightLayer, apply_specs, quant_layers
@@ -192,20 +192,6 @@ def _check_arch(expected: dict, model: nn.Module) -> None:
 
 
 
-def _device(device) -> torch.device:
-    """``device`` as a torch.device that exists on this machine, or one clear error."""
-    try:
-        d = torch.device("cpu" if device is None else device)
-    except (RuntimeError, TypeError):
-        raise CheckpointError(f"unknown device {device!r}: use 'cpu' or 'cuda'") from None
-    if d.type == "cuda" and not torch.cuda.is_available():
-        raise CheckpointError("device='cuda' was asked for, but this machine has no CUDA GPU (or this PyTorch"
-                              " build has no CUDA); load with device='cpu'")
-    if d.type not in ("cpu", "cuda"):
-        raise CheckpointError(f"device {d.type!r} is not supported: use 'cpu' or 'cuda'")
-    return d
-
-
 def load(path: "str | Path", model: nn.Module, *, compute: str = "auto",
          dtype: torch.dtype = torch.float32, device: "str | torch.device | None" = None) -> nn.Module:
     """Load a lowbit checkpoint into ``model``, the *float* architecture it was quantized from.
@@ -229,7 +215,7 @@ def load(path: "str | Path", model: nn.Module, *, compute: str = "auto",
 
     if compute not in PATHS:
         raise CheckpointError(f"unknown compute path {compute!r}: use {', '.join(PATHS)}")
-    target = _device(device)
+    target = resolve_device(device, CheckpointError, "load with device='cpu'")
     if target.type != "cpu":  # unpack on the host, move, then build the kernels on the device
         from .kernels.select import set_compute
 

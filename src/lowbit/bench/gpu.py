@@ -24,6 +24,7 @@ from typing import Callable
 import torch
 from torch import nn
 
+from .._platform import cpu_name, resolve_device
 from ..errors import EvaluationError
 from ..evaluate.sampling import sample, trajectory_inputs
 from ..io import fp32_safetensors_bytes, load, save
@@ -33,19 +34,6 @@ from .run import MODELS, _Fn
 from .variants import default_workdir
 
 __all__ = ["bench_device", "markdown_device"]
-
-
-def _device(device: str) -> torch.device:
-    try:
-        d = torch.device(device)
-    except (RuntimeError, TypeError):
-        raise EvaluationError(f"unsupported benchmark device {device!r}: use cpu or cuda") from None
-    if d.type == "cuda" and not torch.cuda.is_available():
-        raise EvaluationError("--device cuda needs a CUDA GPU, and this machine (or this PyTorch build) has none;"
-                              " run `lowbit bench` without --device for the CPU benchmark")
-    if d.type not in ("cpu", "cuda"):
-        raise EvaluationError(f"unsupported benchmark device {device!r}: use cpu or cuda")
-    return d
 
 
 def _on(model: nn.Module, device: torch.device, dtype: torch.dtype) -> Callable:
@@ -97,7 +85,7 @@ def bench_device(models: tuple[str, ...] = ("sdlike",), recipes: tuple[str, ...]
                  compile_: bool = True, log=print) -> list[dict]:
     """Time DDIM sampling of one batch for bf16 and each recipe on ``device``; returns one result
     dict per model (rows with seconds, images/s, ratio to bf16, SQNR vs fp32, peak memory)."""
-    dev = _device(device)
+    dev = resolve_device(device, EvaluationError, "run `lowbit bench` without --device for the CPU benchmark")
     results = []
     for name in models:
         spec = MODELS[name]
@@ -142,7 +130,6 @@ def _device_name(dev: torch.device) -> str:
     if dev.type == "cuda":
         cc = torch.cuda.get_device_capability(dev)
         return f"{torch.cuda.get_device_name(dev)} (compute capability {cc[0]}.{cc[1]})"
-    from .._platform import cpu_name
     return cpu_name()
 
 
