@@ -78,6 +78,19 @@ def available() -> bool:
     return torch.backends.mkldnn.is_available() and torch.backends.cpu.get_cpu_capability() != "DEFAULT"
 
 
+def conv_output_like(x: torch.Tensor, out_channels: int, kernel_size: tuple, args: tuple, dtype: torch.dtype,
+                     nhwc: bool) -> torch.Tensor:
+    """An empty tensor shaped like a convolution's output for input ``x`` (``args`` =
+    ``(stride, padding, dilation, groups)``), NHWC if ``nhwc``: the fake kernels' answer."""
+    n, _, h, w = x.shape
+    (sh, sw), (ph, pw), (dh, dw), _ = args
+    kh, kw = kernel_size
+    ho = (h + 2 * ph - dh * (kh - 1) - 1) // sh + 1
+    wo = (w + 2 * pw - dw * (kw - 1) - 1) // sw + 1
+    return torch.empty((n, out_channels, ho, wo), dtype=dtype, device=x.device,
+                       memory_format=torch.channels_last if nhwc else torch.contiguous_format)
+
+
 def _quantize_eager(x: torch.Tensor, params: torch.Tensor) -> torch.Tensor:
     # params = [1/s, lo, hi, zero] as a float32 tensor: as tensor *inputs* one compiled kernel
     # serves every layer (Python floats would be specialised, one recompile per layer).
@@ -176,13 +189,7 @@ class Int8Conv2dKernel:
 
     def fake(self, codes: torch.Tensor, nhwc: bool = False) -> torch.Tensor:
         """Output shape/layout of :meth:`run` (for ``torch.compile``)."""
-        n, _, h, w = codes.shape
-        (sh, sw), (ph, pw), (dh, dw), _ = self.args
-        kh, kw = self.kernel_size
-        ho = (h + 2 * ph - dh * (kh - 1) - 1) // sh + 1
-        wo = (w + 2 * pw - dw * (kw - 1) - 1) // sw + 1
-        return torch.empty((n, self.out_channels, ho, wo), dtype=self.out_dtype, device=codes.device,
-                           memory_format=torch.channels_last if nhwc else torch.contiguous_format)
+        return conv_output_like(codes, self.out_channels, self.kernel_size, self.args, self.out_dtype, nhwc)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if torch.compiler.is_compiling():
