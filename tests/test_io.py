@@ -191,3 +191,15 @@ def test_meta_model_with_unsaved_buffer_gets_a_clear_error(tmp_path):
     with pytest.raises(CheckpointError, match="still on the meta device"):
         load(path, meta_model)
     assert torch.isfinite(load(path, WithBuffer())(torch.randn(2, 8))).all()  # CPU-built works
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/maps"), reason="needs Linux /proc/self/maps")
+@pytest.mark.parametrize("compute", ["auto", "emulated"])
+def test_loaded_model_does_not_keep_the_file_mapped(tmp_path, compute):
+    # safetensors tensors are views of an mmap of the file: any one kept in the model would keep
+    # every page of the checkpoint resident for as long as the model lives
+    path = _saved(tmp_path)
+    model = load(path, make_unet(device="meta"), compute=compute)
+    with open("/proc/self/maps") as f:
+        mapped = [ln for ln in f if str(path) in ln]
+    assert model is not None and mapped == []

@@ -306,3 +306,22 @@ def test_repacking_for_new_shapes_keeps_the_weights_exact():
         assert lin.packed_for == (n * h, 32)
     assert torch.equal(conv.packed.to_dense(), w)
     assert torch.equal(lin.packed.to_dense().t(), wl)
+
+
+def test_kernel_owns_its_weights_before_the_first_call():
+    """Packing waits for the first call's shape, so until then a kernel holds plain int8 values:
+    they must be its own copy, not a view of the caller's codes (which a model may release or
+    overwrite), or the first call would pack whatever the buffer holds by then."""
+    g = torch.Generator().manual_seed(8)
+    fmt, s_x, z_x = _act("uint8")
+    w = _weights((16, 8, 3, 3), "int8", g)
+    wl = _weights((12, 8), "int8", g)
+    ws = torch.rand(16, generator=g) * 0.01 + 1e-3
+    x, xl = torch.randn(2, 8, 6, 6, generator=g), torch.randn(5, 8, generator=g)
+    want = (Int8Conv2dKernel(w, ws, None, fmt, s_x, z_x, (1, 1), (1, 1), (1, 1), 1)(x),
+            Int8LinearKernel(wl, ws[:12], None, fmt, s_x, z_x)(xl))
+    conv = Int8Conv2dKernel(w, ws, None, fmt, s_x, z_x, (1, 1), (1, 1), (1, 1), 1)
+    lin = Int8LinearKernel(wl, ws[:12], None, fmt, s_x, z_x)
+    assert conv.packed_for is None and lin.packed_for is None
+    w.zero_(), wl.zero_()
+    assert torch.equal(conv(x), want[0]) and torch.equal(lin(xl), want[1])

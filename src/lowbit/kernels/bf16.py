@@ -160,16 +160,19 @@ class Bf16Kernel:
         if conv is not None:
             self.w = self.w.contiguous(memory_format=torch.channels_last)
             if self.w.device.type == "cpu" and torch.backends.mkldnn.is_available():
-                self.w, self.kid = self.w.to_mkldnn(), onednn.register(self)
+                # laid out for oneDNN on the first call, for its input shape (see repack_for)
+                self.kid = onednn.register(self)
 
     def repack_for(self, shape: tuple) -> None:
         """Lay the bf16 weight out for convolution inputs of ``shape``, as the int8 kernels do: a
         plain weight is re-laid out by oneDNN on every call (51 reorders, 21 ms, 4.6 % of an
         SD-like FP8 step)."""
         if self.packed_for != shape:
-            (stride, padding, dilation, groups), w = self.conv, self.w.to_dense()
+            (stride, padding, dilation, groups), w = self.conv, self.w
+            w = w.to_dense() if w.is_mkldnn else w
             self.w = torch._C._nn.mkldnn_reorder_conv2d_weight(w.to_mkldnn(), list(padding), list(stride),
                                                               list(dilation), groups, list(shape))
+            del w
             self.packed_for = shape
             trim_heap()
 

@@ -159,7 +159,10 @@ class Int8Conv2dKernel:
         self.args = (list(stride), list(padding), list(dilation), int(groups))
         self.w_zero = torch.zeros(w_int8.shape[0], dtype=torch.int64)
         self.out_channels, self.kernel_size = w_int8.shape[0], tuple(w_int8.shape[2:])
-        self.packed, self.packed_for = self._prepack(w_int8, None), None
+        # packed on the first call, for its input shape (see repack_for); until then the int8
+        # values are the only copy. Packing once at load and again per shape left the first
+        # weight's freed pages resident (SD-like W4A8 sampling peak: see docs/performance.md).
+        self.packed, self.packed_for = w_int8.clone(memory_format=torch.contiguous_format), None
         self.kid = register(self)
 
     def _prepack(self, w_int8: torch.Tensor, x_shape: list | None) -> torch.Tensor:
@@ -174,8 +177,10 @@ class Int8Conv2dKernel:
         shape repacks (from the packed weight itself, which is the only copy once a model's codes
         are released: ``to_dense`` gives back the exact int8 values)."""
         if self.packed_for != shape:
-            self.packed, self.packed_for = self._prepack(self.packed.to_dense(), list(shape)), shape
-            trim_heap()  # the old packed weight is freed: give its pages back (W4A8 SD-like: 192 -> 180 MB)
+            w_int8 = self.packed if self.packed_for is None else self.packed.to_dense()
+            self.packed, self.packed_for = self._prepack(w_int8, list(shape)), shape
+            del w_int8
+            trim_heap()  # the old weight is freed: give its pages back (W4A8 SD-like: 192 -> 180 MB)
 
     def run(self, codes: torch.Tensor, nhwc: bool = False) -> torch.Tensor:
         """The oneDNN call on uint8 codes (any layout; oneDNN wants NHWC, converting the codes
@@ -214,15 +219,16 @@ class Int8LinearKernel:
         self.bias = None if bias is None else bias.detach().float().contiguous()
         self.out_features, self.in_features = w_int8.shape
         self.w_zero = torch.zeros(self.out_features, dtype=torch.int64)
-        self.packed, self.packed_for = torch.ops.onednn.qlinear_prepack(w_int8, None), None
+        self.packed, self.packed_for = w_int8.t().clone(memory_format=torch.contiguous_format), None  # [K, N] copy
         self.kid = register(self)
 
     def repack_for(self, shape: tuple) -> None:
         """Re-lay the packed weight for ``[M, K]`` inputs of ``shape`` (as the convolution does:
         a matmul packed for its real M measured 8–16 % faster). The packed weight is ``[K, N]``."""
         if self.packed_for != shape:
-            w_int8 = self.packed.to_dense().t().contiguous()
+            w_int8 = (self.packed if self.packed_for is None else self.packed.to_dense()).t().contiguous()
             self.packed, self.packed_for = torch.ops.onednn.qlinear_prepack(w_int8, list(shape)), shape
+            del w_int8
             trim_heap()
 
     def run(self, codes: torch.Tensor, nhwc: bool = False) -> torch.Tensor:
