@@ -46,17 +46,18 @@ def test_uniform_plans_keep_the_time_embedding_float(unet):
 ])
 def test_recipes_quantize_the_time_embedding_at_eight_bits(unet, calib, name, spec):
     """The time-embedding MLP and every time_emb_proj at 8 bits (METHODS.md §5), in the recipe's
-    kind (INT, weight-only or FP); conv_in/conv_out stay float."""
+    kind (INT, weight-only or FP), but W4A8's time_emb_proj at INT5; conv_in/conv_out stay float."""
     assert set(RECIPE_RULES) == set(RECIPES)
     plan = recipe(name)
+    proj = LayerSpec("int5", "uint8", weight_observer="mse") if name == "w4a8" else spec  # (see plan.py)
     for layer in ("time_embedding.linear_1", "time_embedding.linear_2", "down_blocks.0.resnets.0.time_emb_proj"):
-        assert plan.spec_for(layer, nn.Linear(4, 4)) == spec, layer
+        assert plan.spec_for(layer, nn.Linear(4, 4)) == (proj if layer.endswith("proj") else spec), layer
     if name == "w4a8":  # and on a real UNet
         quantize(unet, plan, calib, progress=False)
         layers = dict(quant_layers(unet))
         temb = [n for n in layers if "time_emb" in n]
         assert "time_embedding.linear_1" in temb and any(n.endswith("time_emb_proj") for n in temb)
-        assert all(layers[n].spec == spec for n in temb)
+        assert all(layers[n].spec == (proj if n.endswith("time_emb_proj") else spec) for n in temb)
         assert layers["down_blocks.0.resnets.0.conv1"].spec.weight == "int4"
         assert not {"conv_in", "conv_out"} & set(layers)
 
