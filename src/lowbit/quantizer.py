@@ -232,7 +232,7 @@ class Quantizer(nn.Module):
         return ((q - self.zero.unsqueeze(-1)) * self.scale.unsqueeze(-1)).reshape(codes.shape)
 
 
-def _fp_qdq(x: torch.Tensor, s: torch.Tensor, lo: float, hi: float, fast: tuple[int, int]) -> torch.Tensor:
+def _fp_qdq(x: torch.Tensor, s: torch.Tensor, lo: float, hi: float, fast: tuple) -> torch.Tensor:
     # the reference arithmetic of quant_dequant for a minifloat with per-tensor scale s (0-dim);
     # plain numbers only (format properties read inside a compiled graph would break it)
     return (round_minifloat_clamped(torch.clamp(x.float() / s, lo, hi), *fast) * s).to(x.dtype)

@@ -176,11 +176,11 @@ def test_bound_detects_a_wrong_scale():
 
 @pytest.mark.parametrize("name", ["fp8_e4m3", "fp8_e5m2", "fp6_e3m2", "fp4_e2m1", "fp4_e3m0"])
 @pytest.mark.parametrize("compiled", ["0", "1"])
-def test_bf16_activation_table_equals_the_computed_values(name, compiled, monkeypatch):
-    """Minifloat activations of bf16 inputs are one table lookup by bit pattern when compiled
-    helpers are on (computed otherwise); either must give what the float32 computation gives
-    for every one of the 65,536 bf16 numbers (NaN, ±inf, signed zeros and subnormals included),
-    and the channels-last variant the same values in NHWC."""
+def test_bf16_activation_values_of_every_bf16_number(name, compiled, monkeypatch):
+    """Minifloat activations of bf16 inputs (Veltkamp rounding, compiled helper or eager) give
+    what the float32 reference (``QFormat.round``) gives for every one of the 65,536 bf16
+    numbers (NaN, ±inf, signed zeros and subnormals included), the channels-last variant the same
+    values in NHWC, and so does the arithmetic fused into a compiled graph."""
     from lowbit.kernels.bf16 import _ActValues, _values_eager
 
     monkeypatch.setenv("LOWBIT_COMPILE_QUANT", compiled)
@@ -188,29 +188,27 @@ def test_bf16_activation_table_equals_the_computed_values(name, compiled, monkey
     act = _ActValues(fmt, 0.037, 0.0)
     every = torch.arange(-32768, 32768, dtype=torch.int32).to(torch.int16).view(torch.bfloat16)
     x = every.reshape(4, 16, 32, 32)
-    ref = _values_eager(x.float(), act.params, fmt, None)  # float32 input: computed, fmt.round
+    ref = _values_eager(x.float(), act.params, fmt, None)  # float32 input, fmt.round
     got = act(x)
     assert torch.equal(got.float().nan_to_num(7.0), ref.float().nan_to_num(7.0))
     assert torch.isnan(got).sum() == torch.isnan(x).sum() > 0
     nhwc = act(x, nhwc=True)
     assert nhwc.is_contiguous(memory_format=torch.channels_last) and torch.equal(nhwc.float().nan_to_num(7.0),
                                                                                  got.float().nan_to_num(7.0))
-    # inside a compiled graph the lookup is an opaque operator (lowbit::bf16_lookup): same values
     for layout in (False, True):
         inside = torch.compile(lambda t, layout=layout: act(t * 1.0, nhwc=layout), dynamic=False)(x)
         assert inside.is_contiguous(memory_format=torch.channels_last if layout else torch.contiguous_format)
         assert torch.equal(inside.float().nan_to_num(7.0), got.float().nan_to_num(7.0))
 
 
-def test_activation_tables_live_on_the_weights_device():
-    """The lookup table and scale tensors go where the layer is (a CPU table cannot be indexed by
+def test_activation_parameters_live_on_the_weights_device():
+    """The activation scale tensor goes where the layer is (a CPU tensor cannot be combined with
     a CUDA activation); checked with the meta device, which every machine has."""
     w = torch.zeros(8, 16, device="meta")
     k = Bf16Kernel(w, torch.ones(8, device="meta"), None, (parse("fp8_e4m3"), 0.1, 0.0))
-    assert k.w.device.type == "meta"
-    assert k.act.table.device.type == "meta" and k.act.params.device.type == "meta"
+    assert k.w.device.type == "meta" and k.act.params.device.type == "meta"
     cpu = Bf16Kernel(torch.zeros(8, 16), torch.ones(8), None, (parse("fp8_e4m3"), 0.1, 0.0))
-    assert cpu.act.table.device.type == "cpu" and cpu.act.table.shape == (65536,)
+    assert cpu.act.params.device.type == "cpu"
 
 
 @pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="no oneDNN in this PyTorch build")

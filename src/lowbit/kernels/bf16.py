@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import FormatError
-from .._compiled import run_compiled, use_compiled_helpers
+from .._compiled import run_compiled
 from ..formats import round_minifloat_clamped
 from . import onednn
 from .._platform import trim_heap
@@ -43,7 +43,7 @@ def exact_in_bf16(fmt) -> bool:
     return bool(torch.equal(v.to(torch.bfloat16).float(), v))
 
 
-def _values_eager(x: torch.Tensor, params: torch.Tensor, fmt, fast: tuple[int, int] | None,
+def _values_eager(x: torch.Tensor, params: torch.Tensor, fmt, fast: tuple | None,
                   nhwc: bool = False) -> torch.Tensor:
     # params = [s, lo, hi, zero] (float32). INT: (code − zero) = round(clamp(x·(1/s), lo, hi));
     # FP: clamp(x/s, lo, hi) rounded onto the minifloat grid — the Quantizer's own arithmetic.
@@ -66,48 +66,10 @@ def _values_fn(fmt, nhwc: bool):
     return functools.partial(_values_eager, fmt=fmt, fast=fmt.fast_round_args(), nhwc=nhwc)
 
 
-def _lookup(x: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
-    # a bf16 tensor's 16-bit patterns index the table of their quantized values
-    return table[x.view(torch.int16).to(torch.int32) & 0xFFFF]
-
-
-def _lookup_nhwc(x: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
-    return _lookup(x, table).contiguous(memory_format=torch.channels_last)
-
-
-def _lookup_nchw(x: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
-    return _lookup(x, table).contiguous()
-
-
-@torch.library.custom_op("lowbit::bf16_lookup", mutates_args=())
-def _lookup_op(x: torch.Tensor, table: torch.Tensor, nhwc: bool) -> torch.Tensor:
-    """The table lookup as an opaque operator inside compiled models, running its own compiled
-    kernel. Left to inductor, the gather is fused into the preceding GroupNorm/SiLU kernel and
-    the whole fused loop goes scalar (the indirect load defeats its vectoriser): 24 ms for one
-    64×24×28×28 activation of the bundled model. Apart, GroupNorm/SiLU stay vectorised and the
-    lookup is one vectorised gather, for one extra bf16 write and read."""
-    return run_compiled(_lookup_nhwc if nhwc else _lookup_nchw, x, table)
-
-
-@_lookup_op.register_fake
-def _(x: torch.Tensor, table: torch.Tensor, nhwc: bool) -> torch.Tensor:
-    layout = torch.channels_last if nhwc and x.dim() == 4 else torch.contiguous_format
-    return torch.empty(x.shape, dtype=table.dtype, device=x.device, memory_format=layout)
-
-
-def _bf16_table(params: torch.Tensor, fmt) -> torch.Tensor:
-    """The quantized value of every bf16 number (indexed by bit pattern), by the reference
-    arithmetic itself: a bf16 activation then quantizes by one table lookup, which inductor
-    turns into a vectorised gather (0.8 ms per million elements against 3.2 ms for computing
-    the minifloat rounding; an int8 quantizer costs 0.7 ms)."""
-    patterns = torch.arange(65536, dtype=torch.int32)
-    patterns = torch.where(patterns >= 32768, patterns - 65536, patterns).to(torch.int16)
-    return _values_eager(patterns.view(torch.bfloat16), params, fmt, fmt.fast_round_args())
-
-
 class _ActValues:
-    """Unscaled format values of an activation quantizer, as bf16 (minifloats on bf16 inputs
-    by table lookup, everything else computed)."""
+    """Unscaled format values of an activation quantizer, as bf16. In a compiled model the
+    arithmetic fuses into the kernel that computes the activation (GroupNorm, SiLU); in eager
+    models it is one compiled helper (:mod:`lowbit._compiled`)."""
 
     def __init__(self, fmt, scale: float, zero: float, device: "torch.device | str | None" = None) -> None:
         if not exact_in_bf16(fmt):
@@ -115,23 +77,16 @@ class _ActValues:
         self.fmt = fmt
         # bounds read once here: computing them inside a compiled graph would break it
         lo, hi = (fmt.min_value - zero, fmt.max_value - zero) if fmt.kind == "int" else (fmt.min_value, fmt.max_value)
-        params = torch.tensor([float(scale), lo, hi, float(zero)], dtype=torch.float32)
-        # ints compute as fast as they look up (one multiply-round); minifloats do not. Both live
-        # on the layer's device: a CPU table cannot be indexed by a CUDA tensor
-        self.table = _bf16_table(params, fmt).to(device) if fmt.kind == "fp" else None
-        self.params = params.to(device)
+        # on the layer's device: a CPU tensor cannot be combined with a CUDA activation
+        self.params = torch.tensor([float(scale), lo, hi, float(zero)], dtype=torch.float32).to(device)
         # looked up now, not per call: a cached function called inside torch.compile is a hazard
         self.fns = {nhwc: _values_fn(fmt, nhwc) for nhwc in (False, True)}
 
     def __call__(self, x: torch.Tensor, nhwc: bool = False) -> torch.Tensor:
         """The values of ``x`` (bf16); ``nhwc``: in channels-last layout (4-D inputs)."""
-        if self.table is not None and x.dtype == torch.bfloat16 and (use_compiled_helpers()
-                                                                      or torch.compiler.is_compiling()):
-            # compiled only: an eager lookup materialises an int64 index per element (slower, and
-            # 4× the activation's memory)
-            if torch.compiler.is_compiling():
-                return _lookup_op(x, self.table, nhwc)
-            return run_compiled(_lookup_nhwc if nhwc else _lookup, x, self.table)
+        # (an earlier version looked minifloats up in a 65,536-entry table by bf16 bit pattern;
+        # the gather had to stay an opaque operator, unfused, and cost the bundled FP8 compiled
+        # step 256-275 ms against 233 ms for the fused arithmetic)
         return run_compiled(self.fns[nhwc], x, self.params)
 
 
