@@ -6,11 +6,19 @@ Every subcommand does real work; user errors (``LowbitError``) print one line an
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 import time
 from pathlib import Path
 
-import torch
+# diffusers imports torchao where it is installed (the bench extra); torchao then logs a warning
+# for each compiled extension a CPU build cannot load, torch one per Enum torchao registers, and
+# diffusers one more when torchao is newer than it expects.
+# None of it concerns lowbit's commands, and it buried their first lines.
+for _noisy in ("torchao", "torch.utils._pytree", "diffusers.quantizers.torchao"):
+    logging.getLogger(_noisy).setLevel(logging.ERROR)
+
+import torch  # noqa: E402 (after the logger levels)
 
 from . import formats as F
 from .errors import EvaluationError, LowbitError
