@@ -95,9 +95,12 @@ def _quantize_eager(x: torch.Tensor, params: torch.Tensor) -> torch.Tensor:
     # params = [1/s, lo, hi, zero] as a float32 tensor: as tensor *inputs* one compiled kernel
     # serves every layer (Python floats would be specialised, one recompile per layer).
     # Clamp before rounding (as quant_dequant does): the same codes, and no overflow for huge x.
-    # x.float(): a bf16 input times a 0-dim float32 tensor would stay bf16 and round x·(1/s) early
+    # float32 first: a bf16 input times a 0-dim float32 tensor would stay bf16 and round x·(1/s)
+    # early. One float32 copy, updated in place: eager (helpers off), the out-of-place chain held
+    # two full-size float32 temporaries per layer, and sampling's peak RSS rose by them.
     inv_scale, lo, hi, zero = params[0], params[1], params[2], params[3]
-    return (torch.clamp(x.float() * inv_scale, lo, hi).round_() + zero).to(torch.uint8)
+    v = x.to(torch.float32, copy=True)
+    return v.mul_(inv_scale).clamp_(lo, hi).round_().add_(zero).to(torch.uint8)
 
 
 def quantize_u8(x: torch.Tensor, params: torch.Tensor, compiled: bool | None = None) -> torch.Tensor:
