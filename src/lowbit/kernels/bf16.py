@@ -79,7 +79,7 @@ class _ActValues:
         self.fmt = fmt
         # bounds read once here: computing them inside a compiled graph would break it
         lo, hi = (fmt.min_value - zero, fmt.max_value - zero) if fmt.kind == "int" else (fmt.min_value, fmt.max_value)
-        # on the layer's device: a CPU tensor cannot be combined with a CUDA activation
+        # on the layer's device, like its weights
         self.params = torch.tensor([float(scale), lo, hi, float(zero)], dtype=torch.float32).to(device)
         # looked up now, not per call: a cached function called inside torch.compile is a hazard
         self.fns = {nhwc: _values_fn(fmt, nhwc) for nhwc in (False, True)}
