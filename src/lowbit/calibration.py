@@ -157,6 +157,8 @@ def _drop_kernels(model: nn.Module) -> None:
                 raise CalibrationError("this model's codes were released for inference; recalibrate the"
                                        " simulated model (or a checkpoint loaded with compute='emulated')")
             m.kernel = None
+        if getattr(m, "fused_qkv", None) is not None:  # an attention processor's fused Q/K/V kernel
+            m.fused_qkv = None
 
 
 @torch.no_grad()

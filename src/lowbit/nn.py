@@ -202,11 +202,22 @@ class QuantAttnProcessor(QuantModule):
     The projections (to_q/to_k/to_v/to_out) are ordinary Linear layers, quantized by their own
     plan entries."""
 
+    # set by lowbit.kernels.fuse when to_q/to_k/to_v run as one int8 GEMM (self-attention only)
+    fused_qkv = None
+    qkv_sizes = None
+
     def __init__(self, spec: LayerSpec, device=None) -> None:
         super().__init__()
         self.spec = spec
         for n in ("q_quant", "k_quant", "p_quant", "v_quant"):
             setattr(self, n, _act_quantizer(spec, device))
+
+    def _qkv_is_current(self, attn: nn.Module) -> bool:
+        # the fused kernel stands for the projections' own kernels only while they are its slices:
+        # anything that reinstalls or drops a layer's kernel (set_compute, calibrate) ends it
+        qkv = self.fused_qkv
+        return qkv is not None and all(getattr(getattr(attn, n).kernel, "fused", None) is qkv
+                                       for n in ("to_q", "to_k", "to_v"))
 
     # diffusers inspects the processor's __call__ signature to decide which kwargs to pass;
     # nn.Module.__call__ is (*args, **kwargs), so spell the signature out.
@@ -227,13 +238,16 @@ class QuantAttnProcessor(QuantModule):
         attention_mask = attn.prepare_attention_mask(attention_mask, seq, batch)
         if attn.group_norm is not None:
             hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
-        query = attn.to_q(hidden_states)
-        if encoder_hidden_states is None:
-            encoder_hidden_states = hidden_states
-        elif attn.norm_cross:
-            encoder_hidden_states = attn.norm_encoder_hidden_states(encoder_hidden_states)
-        key = attn.to_k(encoder_hidden_states)
-        value = attn.to_v(encoder_hidden_states)
+        if self._qkv_is_current(attn) and encoder_hidden_states is None:
+            query, key, value = self.fused_qkv(hidden_states).split(self.qkv_sizes, dim=-1)
+        else:
+            query = attn.to_q(hidden_states)
+            if encoder_hidden_states is None:
+                encoder_hidden_states = hidden_states
+            elif attn.norm_cross:
+                encoder_hidden_states = attn.norm_encoder_hidden_states(encoder_hidden_states)
+            key = attn.to_k(encoder_hidden_states)
+            value = attn.to_v(encoder_hidden_states)
         query = self.q_quant(attn.head_to_batch_dim(query))
         key = self.k_quant(attn.head_to_batch_dim(key))
         value = self.v_quant(attn.head_to_batch_dim(value))

@@ -27,6 +27,7 @@ from torch import nn
 from ..errors import PlanError
 from . import onednn
 from .bf16 import Bf16Kernel, exact_in_bf16
+from .fuse import fuse_attention_projections, unfuse_attention_projections
 from .groupnorm import use_nhwc_group_norm
 from .int_mm import IntMMLinearKernel
 from .scaled_mm import Fp8LinearKernel, fp8_available, is_e4m3fn
@@ -211,7 +212,8 @@ def install_kernel(layer, path: str, dtype: torch.dtype, release_codes: bool) ->
 def finish_compute(model: nn.Module, dtype: torch.dtype) -> None:
     """The model-wide part of :func:`set_compute` after every layer is installed: the float
     tensors in ``dtype``, and (where a layer runs a CPU kernel, whose compiled outputs are NHWC)
-    GroupNorm in the form inductor vectorises on NHWC tensors (:mod:`.groupnorm`)."""
+    GroupNorm in the form inductor vectorises on NHWC tensors (:mod:`.groupnorm`), and one
+    fused Q/K/V kernel per self-attention block whose projections allow it (:mod:`.fuse`)."""
     from ..nn import QuantWeightLayer
 
     if dtype != torch.float32:
@@ -219,3 +221,5 @@ def finish_compute(model: nn.Module, dtype: torch.dtype) -> None:
     cpu_native = any(m.kernel is not None and m.weight_quant.scale.device.type == "cpu"
                      for m in model.modules() if isinstance(m, QuantWeightLayer))
     use_nhwc_group_norm(model, cpu_native)
+    unfuse_attention_projections(model)
+    fuse_attention_projections(model)  # one Q/K/V GEMM per self-attention block, where exact
