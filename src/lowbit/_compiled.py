@@ -27,7 +27,8 @@ __all__ = ["disable_compiled_helpers", "input_key", "run_compiled", "use_compile
 def use_compiled_helpers() -> bool:
     """Whether eager code may use compiled helpers: yes unless ``LOWBIT_COMPILE_QUANT=0``, and
     never inside a graph being compiled."""
-    return os.environ.get("LOWBIT_COMPILE_QUANT", "1") != "0" and not torch.compiler.is_compiling()
+    # is_compiling first: traced, the environment lookup would become guards on os.environ
+    return not torch.compiler.is_compiling() and os.environ.get("LOWBIT_COMPILE_QUANT", "1") != "0"
 
 
 def disable_compiled_helpers() -> None:
