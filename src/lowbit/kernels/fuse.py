@@ -18,6 +18,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .._platform import trim_heap
 from .onednn import Int8LinearKernel
 
 __all__ = ["SliceKernel", "fuse_attention_projections"]
@@ -64,6 +65,9 @@ def fuse_attention_projections(model: nn.Module) -> int:
         proc.fused_qkv = qkv
         proc.qkv_sizes = [k.out_features for k in kernels]
         fused += 1
+        del kernels, qkv
+    if fused:
+        trim_heap()  # the three kernels' weights are freed: give their pages back
     return fused
 
 
