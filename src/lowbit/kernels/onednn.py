@@ -233,7 +233,8 @@ class Int8LinearKernel:
         self.bias = None if bias is None else bias.detach().float().contiguous()
         self.out_features, self.in_features = w_int8.shape
         self.w_zero = torch.zeros(self.out_features, dtype=torch.int64)
-        self.packed, self.packed_for = w_int8.t().clone(memory_format=torch.contiguous_format), None  # [K, N] copy
+        # [N, K], the layout qlinear_prepack takes: the first call packs it without another copy
+        self.packed, self.packed_for = w_int8.clone(memory_format=torch.contiguous_format), None
         self.kid = register(self)
 
     @classmethod
@@ -252,12 +253,12 @@ class Int8LinearKernel:
         fused.w_zero = torch.zeros(fused.out_features, dtype=torch.int64)
         fused.bias = (None if all(k.bias is None for k in kernels) else
                       torch.cat([torch.zeros(k.out_features) if k.bias is None else k.bias for k in kernels]))
-        # [K, sum N], the layout of an unpacked kernel, written in place: no full-size temporaries
+        # [sum N, K], the layout of an unpacked kernel, written in place: no full-size temporaries
         # (a concatenated copy and its transpose stayed in the heap: +7 MB RSS, SD-like W4A8)
-        fused.packed = torch.empty(fused.in_features, fused.out_features, dtype=torch.int8)
+        fused.packed = torch.empty(fused.out_features, fused.in_features, dtype=torch.int8)
         start = 0
         for k in kernels:
-            fused.packed[:, start:start + k.out_features] = k.packed if k.packed_for is None else k.packed.to_dense()
+            fused.packed[start:start + k.out_features] = k.weight_int8()
             start += k.out_features
         fused.packed_for, fused.kid = None, register(fused)
         return fused
@@ -271,12 +272,13 @@ class Int8LinearKernel:
                    for k in kernels)
 
     def weight_int8(self) -> torch.Tensor:
-        """The integer weight values ``[N, K]`` (a copy, whatever the packing)."""
-        return (self.packed if self.packed_for is None else self.packed.to_dense()).t().contiguous()
+        """The integer weight values ``[N, K]``: before the first call the kernel's own tensor
+        (read it, do not modify it), after it a copy out of the packed weight."""
+        return self.packed if self.packed_for is None else self.packed.to_dense().t().contiguous()
 
     def repack_for(self, shape: tuple) -> None:
         """Re-lay the packed weight for ``[M, K]`` inputs of ``shape`` (as the convolution does:
-        a matmul packed for its real M measured 8–16 % faster). The packed weight is ``[K, N]``."""
+        a matmul packed for its real M measured 8–16 % faster); oneDNN holds the packed weight as ``[K, N]``."""
         if self.packed_for != shape:
             w_int8 = self.weight_int8()
             self.packed, self.packed_for = torch.ops.onednn.qlinear_prepack(w_int8, list(shape)), shape
