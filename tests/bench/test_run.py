@@ -53,3 +53,27 @@ def test_attention_shapes_are_read_off_a_forward_pass():
     attn = [m for m in unet.modules() if hasattr(m, "get_attention_scores")]
     assert len(attn) == 4 and {m.heads for m in attn} == {2}
     assert attention_shapes(unet, (x, t)) == [(3 * 2, 4 * 4, 8, 4)]
+
+
+def test_bench_model_runs_end_to_end_and_removes_its_checkpoints(tmp_path, monkeypatch):
+    """One small end-to-end pass over a tiny UNet (no torch.compile, no peers, no memory
+    processes): every variant gets a row and its images an SQNR, and the checkpoints written for
+    the lowbit variants do not pile up in the temp folder afterwards."""
+    from conftest import TINY_UNET, make_unet
+    from diffusers import UNet2DModel
+
+    import lowbit.bench.run as run
+    import lowbit.bench.variants as variants
+
+    spec = run.ModelSpec(lambda: UNet2DModel(**TINY_UNET), make_unet, {"num_train_timesteps": 1000}, (1, 8, 8), 2,
+                         "tiny")
+    monkeypatch.setitem(run.MODELS, "tiny", spec)
+    monkeypatch.setattr(variants, "_compiled", variants._eps)  # compiling is the slow part; not under test
+    work = tmp_path / "work"
+    work.mkdir()
+    monkeypatch.setattr(run, "default_workdir", lambda: work)
+    out = run.bench_model("tiny", ("w8a8",), (), steps=1, repeats=1, threads=1, memory=False, log=lambda *a: None)
+    names = [r["name"] for r in out["rows"]]
+    assert "fp32" in names and "lowbit w8a8" in names and "lowbit w8a8 + compile" in names
+    assert all(r["sqnr_db"] is not None for r in out["rows"] if r["name"] != "fp32")
+    assert not work.exists()

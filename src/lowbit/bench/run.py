@@ -17,6 +17,7 @@ It writes a Markdown report (default ``docs/performance.md``) and prints it.
 from __future__ import annotations
 
 import os
+import shutil
 import statistics
 import time
 from dataclasses import dataclass
@@ -126,6 +127,10 @@ def bench_model(name: str, recipes: tuple[str, ...], peers: tuple[str, ...], ste
         if memory and not v.name.endswith("compile") and (v.name in ("fp32", "bf16") or v.checkpoint):
             row["memory"] = measure(name, v.dtype, v.checkpoint, spec.batch, 2, threads)
         rows.append(row)
+    # the checkpoints were only needed by the variants and the memory processes: 160 MB per
+    # SD-like run would otherwise pile up in the temp folder (the models keep no file open: load
+    # copies what it keeps off the mapping)
+    shutil.rmtree(workdir, ignore_errors=True)
     compiled = next((r for r in rows if r["name"].endswith("w8a8 + compile")), None)
     attention = attention_table(fp, (calib[0][0], calib[0][1]), compiled and 1e3 * compiled["seconds"] / steps)
     return dict(model=name, description=spec.description, batch=spec.batch, steps=steps, repeats=repeats, rows=rows,
