@@ -21,7 +21,7 @@ from torch import nn
 from .._platform import trim_heap
 from .onednn import Int8LinearKernel
 
-__all__ = ["SliceKernel", "fuse_attention_projections"]
+__all__ = ["SliceKernel", "fuse_attention_projections", "unfuse_attention_projections"]
 
 
 class SliceKernel:
