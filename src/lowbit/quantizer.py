@@ -24,6 +24,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from ._chunked import quantize_chunked
 from ._compiled import run_compiled
 from .errors import CalibrationError, FormatError
 from .formats import QFormat, round_minifloat_clamped
@@ -204,15 +205,17 @@ class Quantizer(nn.Module):
 
     def _fast_forward(self, x: torch.Tensor) -> torch.Tensor | None:
         """Single-kernel inference paths, bit-identical to the reference arithmetic (tested):
-        PyTorch's fused fake-quant for ints; for minifloats the exact fast rounding
+        per-tensor ints in chunks with no full-size temporaries, per-channel/group ints PyTorch's
+        fused fake-quant; for minifloats the exact fast rounding
         (:meth:`QFormat.round_clamped`), compiled into one loop for per-tensor scales."""
         fmt, (c, ng) = self.fmt, self.scale_shape
         if fmt.kind == "int":
             s = self.scale.detach().reshape(-1).float().contiguous()
             z = self.zero.detach().reshape(-1).to(torch.int32).contiguous()
             lo, hi = int(fmt.min_value), int(fmt.max_value)
-            if c * ng == 1:
-                return torch.fake_quantize_per_tensor_affine(x.float(), s, z, lo, hi).to(x.dtype)
+            if c * ng == 1:  # activations: no full-size temporaries (see lowbit._chunked)
+                s0, z0 = s.reshape(()), z.reshape(()).float()
+                return quantize_chunked(x, 1.0 / s0, lo - z0, hi - z0, mul=s0)
             y = torch.fake_quantize_per_channel_affine(x.float().reshape(c * ng, -1), s, z, 0, lo, hi)
             return y.reshape(x.shape).to(x.dtype)
         if c * ng == 1 and _fp_qdq_fn(fmt) is not None:  # per tensor (activations): one compiled loop

@@ -30,6 +30,7 @@ import weakref
 
 import torch
 
+from .._chunked import quantize_chunked
 from .._platform import trim_heap
 from .._compiled import disable_compiled_helpers, input_key, run_compiled, use_compiled_helpers
 from ..errors import FormatError
@@ -102,16 +103,21 @@ def conv_output_like(x: torch.Tensor, out_channels: int, kernel_size: tuple, arg
                        memory_format=torch.channels_last if nhwc else torch.contiguous_format)
 
 
-def _quantize_eager(x: torch.Tensor, params: torch.Tensor) -> torch.Tensor:
+def _quantize_plain(x: torch.Tensor, params: torch.Tensor) -> torch.Tensor:
     # params = [1/s, lo, hi, zero] as a float32 tensor: as tensor *inputs* one compiled kernel
     # serves every layer (Python floats would be specialised, one recompile per layer).
     # Clamp before rounding (as quant_dequant does): the same codes, and no overflow for huge x.
     # float32 first: a bf16 input times a 0-dim float32 tensor would stay bf16 and round x·(1/s)
-    # early. One float32 copy, updated in place: eager (helpers off), the out-of-place chain held
-    # two full-size float32 temporaries per layer, and sampling's peak RSS rose by them.
+    # early. This is the form torch.compile fuses into one loop (the helper, or the whole model).
     inv_scale, lo, hi, zero = params[0], params[1], params[2], params[3]
-    v = x.to(torch.float32, copy=True)
-    return v.mul_(inv_scale).clamp_(lo, hi).round_().add_(zero).to(torch.uint8)
+    return torch.clamp(x.float() * inv_scale, lo, hi).round().add(zero).to(torch.uint8)
+
+
+def _quantize_eager(x: torch.Tensor, params: torch.Tensor) -> torch.Tensor:
+    # the same arithmetic in chunks through one small float32 buffer (lowbit._chunked): eager,
+    # the full-size float32 temporaries fragmented the heap and raised sampling's peak RSS
+    inv_scale, lo, hi, zero = params[0], params[1], params[2], params[3]
+    return quantize_chunked(x, inv_scale, lo, hi, add=zero, out_dtype=torch.uint8)
 
 
 def quantize_u8(x: torch.Tensor, params: torch.Tensor, compiled: bool | None = None) -> torch.Tensor:
@@ -119,9 +125,11 @@ def quantize_u8(x: torch.Tensor, params: torch.Tensor, compiled: bool | None = N
     the float32 tensor ``[inv_scale, lo, hi, zero]``; ``lo``/``hi`` are the format bounds minus
     the zero-point (so ``lo + zero >= 0`` and ``hi + zero <= 255``). ``compiled=None`` uses the compiled kernel unless the environment
     variable ``LOWBIT_COMPILE_QUANT`` is ``0``. Codes are identical either way (tested)."""
+    if torch.compiler.is_compiling():  # inside a compiled model: plain ops, fused by inductor
+        return _quantize_plain(x, params)
     if compiled is None:
         compiled = use_compiled_helpers()
-    return run_compiled(_quantize_eager, x, params) if compiled else _quantize_eager(x, params)
+    return run_compiled(_quantize_plain, x, params) if compiled else _quantize_eager(x, params)
 
 
 class _ActCodes:
