@@ -6,8 +6,8 @@ quantizing one activation with plain ops (a float32 copy, scale, clamp, round, c
 mask, a cast back) allocates 5–9 bytes per element in full-size buffers that live for one layer.
 Their total is small, but glibc places them between longer-lived tensors and the holes they
 leave stay resident: the SD-like W4A8 benchmark model's peak RSS while sampling (eager, batch 4)
-was 136.6 MB above the interpreter's baseline, median of 5 runs, and 128.8 MB with this module,
-at the same speed. Here one float32 buffer of :data:`CHUNK` elements (256 KB, resident in L2)
+was 137.7 MB above the interpreter's baseline before this module and 129.2 MB with it (medians
+of 6 interleaved runs), at the same speed. Here one float32 buffer of :data:`CHUNK` elements (256 KB, resident in L2)
 takes each slice of the input in turn and the result is written straight into the output.
 
 The arithmetic is exactly that of :func:`lowbit.quantizer.quant_dequant` (and of the compiled
