@@ -5,7 +5,8 @@
   mode). Simulated form keeps the float ``weight`` parameter and fake-quantizes it; stored form
   (after :meth:`QuantWeightLayer.freeze`) keeps only uint8 ``weight_codes`` plus scales.
 * :class:`QuantAttnProcessor` — a diffusers attention processor that quantizes the operands of
-  the two attention matmuls (Q·Kᵀ and softmax·V), following diffusers' ``AttnProcessor`` math.
+  the two attention matmuls (Q·Kᵀ and softmax·V), following diffusers' ``AttnProcessor`` math,
+  in blocks of bounded size (:mod:`lowbit._attention`).
 * :func:`apply_specs` — swaps modules by name; works on any ``nn.Module``.
 
 Compute here is emulated (dequantize, then float matmul/conv) until
@@ -21,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ._attention import BLOCK_ELEMENTS, attention_core
 from .calibration import weight_range
 from .errors import CheckpointError, PlanError
 from .formats import parse_optional
@@ -205,6 +207,9 @@ class QuantAttnProcessor(QuantModule):
     # set by lowbit.kernels.fuse when to_q/to_k/to_v run as one int8 GEMM (self-attention only)
     fused_qkv = None
     qkv_sizes = None
+    # the most attention-score elements computed at once (lowbit._attention); an instance may
+    # set its own: larger is fewer, bigger matmuls, smaller is less memory
+    block_elements = BLOCK_ELEMENTS
 
     def __init__(self, spec: LayerSpec, device=None) -> None:
         super().__init__()
@@ -251,8 +256,11 @@ class QuantAttnProcessor(QuantModule):
         query = self.q_quant(attn.head_to_batch_dim(query))
         key = self.k_quant(attn.head_to_batch_dim(key))
         value = self.v_quant(attn.head_to_batch_dim(value))
-        probs = self.p_quant(attn.get_attention_scores(query, key, attention_mask))
-        hidden_states = attn.batch_to_head_dim(torch.bmm(probs, value))
+        # in blocks of heads or query rows (lowbit._attention) to bound memory, except while calibrating:
+        # the probabilities' observer must see the whole tensor at once
+        budget = self.block_elements if self.p_quant.observer is None else math.inf
+        hidden_states = attn.batch_to_head_dim(attention_core(attn, query, key, value, attention_mask,
+                                                              self.p_quant, budget))
         hidden_states = attn.to_out[1](attn.to_out[0](hidden_states))
         if input_ndim == 4:
             hidden_states = hidden_states.transpose(-1, -2).reshape(b, c, h, w)
