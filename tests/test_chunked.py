@@ -63,3 +63,61 @@ def test_per_tensor_quantizer_on_a_multi_chunk_bf16_activation(fmt):
     s, z = q.scale.detach().unsqueeze(-1), q.zero.unsqueeze(-1)
     ref = quant_dequant(grouped(x.float(), q.scale_shape), s, z, q.fmt).reshape(x.shape).to(x.dtype)
     assert got.dtype == torch.bfloat16 and torch.equal(got, ref)
+
+
+def _count_full_size(fn, x):
+    """How many buffers of x's size the ops inside ``fn(x)`` allocate (views are not counted)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    storages = set()
+
+    class Probe(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            if isinstance(out, torch.Tensor) and out.numel() == x.numel():
+                storages.add(out.untyped_storage().data_ptr())
+            return out
+
+    with Probe():
+        fn(x)
+    storages.discard(x.untyped_storage().data_ptr())
+    return len(storages)
+
+
+@pytest.mark.parametrize("fmt", ["fp8_e4m3", "fp6_e3m2", "fp4_e2m1"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_map_chunked_minifloat_qdq_equals_full_tensor(fmt, dtype, monkeypatch):
+    """The quantizer's eager minifloat path without the compiled helpers runs in chunks: same
+    values bit for bit, and no full-size temporaries besides the result."""
+    monkeypatch.setenv("LOWBIT_COMPILE_QUANT", "0")
+    x = _input((2, 24, 40, 40), dtype, seed=5).contiguous(memory_format=torch.channels_last)  # 2 chunks
+    q = Quantizer(parse(fmt))
+    q.set_range(torch.tensor(-3.0), torch.tensor(2.5))
+    s = q.scale.detach().unsqueeze(-1)
+    ref = quant_dequant(grouped(x.float(), q.scale_shape), s, q.zero.unsqueeze(-1), q.fmt).reshape(x.shape).to(dtype)
+    with torch.no_grad():
+        got = q(x)
+        assert _count_full_size(q, x) == 1  # the output
+    assert got.is_contiguous(memory_format=torch.channels_last) and torch.equal(got, ref)
+
+
+def test_map_chunked_keeps_small_inputs_whole_and_takes_fn_dtype():
+    from lowbit._chunked import map_chunked
+
+    x = _input((3 * CHUNK + 17,), seed=6)
+    calls = []
+
+    def fn(v, k):
+        calls.append(v.numel())
+        return (v * k).to(torch.bfloat16)
+
+    out = map_chunked(fn, x, 3.0)
+    assert calls == [CHUNK] * 3 + [17] and out.dtype == torch.bfloat16
+    assert torch.equal(out, (x * 3.0).to(torch.bfloat16))
+    calls.clear()
+    view = x[: 2 * CHUNK].view(2, CHUNK).t()  # a transposed view: made contiguous
+    out = map_chunked(fn, view, 1.0)
+    assert out.is_contiguous() and torch.equal(out, view.to(torch.bfloat16))
+    calls.clear()
+    map_chunked(fn, x[:100], 1.0)
+    assert calls == [100]

@@ -19,9 +19,15 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["CHUNK", "quantize_chunked"]
+__all__ = ["CHUNK", "map_chunked", "quantize_chunked"]
 
 CHUNK = 1 << 16
+
+
+def _dense(x: torch.Tensor) -> torch.Tensor:
+    # x itself if its elements fill its storage span in a layout empty_like reproduces
+    dense = x.is_contiguous() or (x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last))
+    return x if dense else x.contiguous()
 
 
 def _flat(t: torch.Tensor) -> torch.Tensor:
@@ -35,9 +41,7 @@ def quantize_chunked(x: torch.Tensor, inv_scale, lo, hi, *, add=None, mul=None,
     ``out_dtype`` (default ``x.dtype``); float32 arithmetic throughout. The scalars may be Python
     numbers or 0-dim float32 tensors. The output has ``x``'s layout when ``x`` is contiguous or
     channels-last, else it is contiguous."""
-    dense = x.is_contiguous() or (x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last))
-    if not dense:
-        x = x.contiguous()
+    x = _dense(x)
     out = torch.empty_like(x, dtype=out_dtype or x.dtype)  # same strides as a dense x
     n = x.numel()
     if n == 0:
@@ -54,4 +58,30 @@ def quantize_chunked(x: torch.Tensor, inv_scale, lo, hi, *, add=None, mul=None,
         if mul is not None:
             v.mul_(mul)
         of[i:j].copy_(v)
+    return out
+
+
+def map_chunked(fn, x: torch.Tensor, *args) -> torch.Tensor:
+    """``fn(x, *args)`` for an elementwise ``fn``, applied to one :data:`CHUNK`-element slice of
+    ``x`` at a time, so that ``fn``'s temporaries are chunk-sized; the result (of ``fn``'s output
+    dtype) has ``x``'s layout when ``x`` is contiguous or channels-last, else it is contiguous.
+
+    For the minifloat roundings (:func:`lowbit.formats.round_minifloat_clamped`: five float32
+    temporaries per element) in eager models without the compiled helpers: the bundled FP8
+    model at batch 64 peaked 281 MB above the baseline while sampling (FP32: 154 MB) before
+    this. ``fn`` must treat every element alike (no reductions, no shape-dependent code) and
+    accept 1-D input."""
+    n = x.numel()
+    if n <= CHUNK:
+        return fn(x, *args)
+    x = _dense(x)
+    xf = _flat(x)
+    first = fn(xf[:CHUNK], *args)
+    out = torch.empty_like(x, dtype=first.dtype)
+    of = _flat(out)
+    of[:CHUNK].copy_(first)
+    del first
+    for i in range(CHUNK, n, CHUNK):
+        j = min(i + CHUNK, n)
+        of[i:j].copy_(fn(xf[i:j], *args))
     return out

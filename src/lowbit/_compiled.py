@@ -21,6 +21,8 @@ from typing import Callable
 
 import torch
 
+from ._chunked import map_chunked
+
 __all__ = ["disable_compiled_helpers", "input_key", "run_compiled", "use_compiled_helpers"]
 
 
@@ -47,13 +49,17 @@ def _compiled(fn: Callable, key: tuple) -> Callable:
     return torch.compile(fn, dynamic=True)
 
 
-def run_compiled(fn: Callable, x: torch.Tensor, *args) -> torch.Tensor:
+def run_compiled(fn: Callable, x: torch.Tensor, *args, elementwise: bool = False) -> torch.Tensor:
     """``fn(x, *args)``, through its compiled version when the helpers are on. ``fn`` must be a
     hashable, long-lived callable (a module-level function or a ``functools.partial`` of one
-    with hashable arguments): it is the cache key."""
+    with hashable arguments): it is the cache key. ``elementwise=True`` (``fn`` treats every
+    element alike and accepts 1-D input): without the helpers, eager code runs it in chunks
+    (:func:`lowbit._chunked.map_chunked`), so that its temporaries stay small."""
     if use_compiled_helpers():
         try:
             return _compiled(fn, input_key(x))(x, *args)
         except Exception:  # no C++ compiler, unsupported platform: the eager code is exact too
             disable_compiled_helpers()
+    if elementwise and not torch.compiler.is_compiling():  # traced, the plain form fuses
+        return map_chunked(fn, x, *args)
     return fn(x, *args)

@@ -219,7 +219,7 @@ class Quantizer(nn.Module):
             y = torch.fake_quantize_per_channel_affine(x.float().reshape(c * ng, -1), s, z, 0, lo, hi)
             return y.reshape(x.shape).to(x.dtype)
         if c * ng == 1 and _fp_qdq_fn(fmt) is not None:  # per tensor (activations): one compiled loop
-            return run_compiled(_fp_qdq_fn(fmt), x, self.scale.detach().reshape(()).float())
+            return run_compiled(_fp_qdq_fn(fmt), x, self.scale.detach().reshape(()).float(), elementwise=True)
         xg = grouped(x.float(), self.scale_shape)
         s = self.scale.detach().unsqueeze(-1)
         y = fmt.round_clamped(torch.clamp(xg / s, fmt.min_value, fmt.max_value))

@@ -36,6 +36,22 @@ def test_markdown_reports_ratios_and_memory_against_the_fp32_row():
     assert "`lowbit bench`" in text and "1 thread(s)" in text
 
 
+def test_markdown_reports_the_large_latent_memory_against_fp32():
+    big = {"baseline_mb": 100.0, "peak_mb": 700.0, "sampling_peak_mb": 600.0}
+    rows = [_row("fp32", 2.0, 1000, big), _row("lowbit w4a8", 0.5, 130, big)]
+    rows[0]["memory_large"] = big
+    rows[1]["memory_large"] = {"baseline_mb": 100.0, "peak_mb": 300.0, "sampling_peak_mb": 250.0}
+    res = dict(model="m", description="d", batch=4, steps=5, repeats=3, rows=rows, large_size=128)
+    text = markdown([res], "lowbit bench", 1)
+    assert "Peak RSS at 128×128 latents" in text
+    line = [ln for ln in text.splitlines() if ln.startswith("| lowbit w4a8")][-1]
+    assert [c.strip() for c in line.strip("|").split("|")] == ["lowbit w4a8", "300", "200 (0.33)", "150 (0.30)"]
+    res["large_size"] = None
+    for r in rows:
+        del r["memory_large"]
+    assert "latents (batch 1" not in markdown([res], "lowbit bench", 1)
+
+
 def test_unknown_model_name_names_the_choices():
     with pytest.raises(KeyError, match="bundled, sdlike"):
         MODELS["sd15"]

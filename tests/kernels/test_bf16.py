@@ -180,18 +180,20 @@ def test_bf16_activation_values_of_every_bf16_number(name, compiled, monkeypatch
     """Minifloat activations of bf16 inputs (Veltkamp rounding, compiled helper or eager) give
     what the float32 reference (``QFormat.round``) gives for every one of the 65,536 bf16
     numbers (NaN, ±inf, signed zeros and subnormals included), the channels-last variant the same
-    values in NHWC, and so does the arithmetic fused into a compiled graph."""
+    values in NHWC, and so does the arithmetic fused into a compiled graph. (Eager, the values
+    are computed chunk by chunk: the same arithmetic, with chunk-sized temporaries.)"""
     from lowbit.kernels.bf16 import _ActValues, _values_eager
 
     monkeypatch.setenv("LOWBIT_COMPILE_QUANT", compiled)
     fmt = parse(name)
     act = _ActValues(fmt, 0.037, 0.0)
     every = torch.arange(-32768, 32768, dtype=torch.int32).to(torch.int16).view(torch.bfloat16)
-    x = every.reshape(4, 16, 32, 32)
+    # twice over, in two orders: two chunks of lowbit._chunked.map_chunked (eager runs in chunks)
+    x = torch.cat([every, every.flip(0)]).reshape(8, 16, 32, 32)
     ref = _values_eager(x.float(), act.params, fmt, None)  # float32 input, fmt.round
     got = act(x)
     assert torch.equal(got.float().nan_to_num(7.0), ref.float().nan_to_num(7.0))
-    assert torch.isnan(got).sum() == torch.isnan(x).sum() > 0
+    assert got.is_contiguous() and torch.isnan(got).sum() == torch.isnan(x).sum() > 0
     nhwc = act(x, nhwc=True)
     assert nhwc.is_contiguous(memory_format=torch.channels_last) and torch.equal(nhwc.float().nan_to_num(7.0),
                                                                                  got.float().nan_to_num(7.0))

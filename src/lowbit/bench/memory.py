@@ -36,6 +36,7 @@ def _main(argv: list[str] | None = None) -> None:
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--steps", type=int, default=2)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--size", type=int, help="latent height and width (default: the model's)")
     a = ap.parse_args(argv)
     import torch
 
@@ -46,6 +47,7 @@ def _main(argv: list[str] | None = None) -> None:
     torch.set_num_threads(a.threads)
     dtype = torch.bfloat16 if a.dtype == "bf16" else torch.float32
     spec = MODELS[a.model]
+    shape = spec.shape if a.size is None else (spec.shape[0], a.size, a.size)
     base = _status_mb("VmRSS")
     if a.checkpoint:
         with torch.device("meta"):
@@ -69,7 +71,7 @@ def _main(argv: list[str] | None = None) -> None:
         reset = True
     except OSError:
         reset = False
-    sample(_Eps(), spec.scheduler, n=a.batch, batch_size=a.batch, steps=a.steps, shape=spec.shape, progress=False)
+    sample(_Eps(), spec.scheduler, n=a.batch, batch_size=a.batch, steps=a.steps, shape=shape, progress=False)
     if reset:
         sampling_peak = _status_mb("VmHWM")
     peak = max(load_peak, sampling_peak) if sampling_peak is not None else _status_mb("VmHWM")
@@ -77,10 +79,13 @@ def _main(argv: list[str] | None = None) -> None:
                       "sampling_peak_mb": sampling_peak, "peak_mb": peak}))
 
 
-def measure(model: str, dtype: str, checkpoint: "Path | None", batch: int, steps: int, threads: int) -> dict:
-    """Run the measurement in a child process and return its JSON (or ``{'error': ...}``)."""
+def measure(model: str, dtype: str, checkpoint: "Path | None", batch: int, steps: int, threads: int,
+            size: int | None = None) -> dict:
+    """Run the measurement in a child process and return its JSON (or ``{'error': ...}``);
+    ``size`` overrides the model's latent height and width."""
     cmd = [sys.executable, "-m", "lowbit.bench.memory", model, dtype] + ([str(checkpoint)] if checkpoint else [])
     cmd += ["--batch", str(batch), "--steps", str(steps), "--threads", str(threads)]
+    cmd += [] if size is None else ["--size", str(size)]
     # eager helpers without torch.compile: inductor's own memory is a one-off compile cost, not
     # what the model needs to run
     env = dict(os.environ, LOWBIT_COMPILE_QUANT="0")

@@ -9,7 +9,9 @@ channels) the benchmark
 3. times full DDIM sampling of one batch, all variants interleaved within each repeat (so drift
    and background load hit every variant alike), and reports medians and ratios to FP32 eager;
 4. scores each variant's final images against FP32's from the same initial noise (SQNR, dB);
-5. measures peak RSS of the eager variants in fresh processes (:mod:`.memory`).
+5. measures peak RSS of the eager variants in fresh processes (:mod:`.memory`), and for the
+   SD-like model once more at 128×128 latents (attention over 4096 tokens, as in Stable
+   Diffusion at 512 px), where the attention matrices dominate activation memory.
 
 It writes a Markdown report (default ``docs/performance.md``) and prints it.
 """
@@ -48,6 +50,7 @@ class ModelSpec:
     shape: tuple[int, int, int]
     batch: int
     description: str
+    large_size: int | None = None  # latent size of the extra memory measurement (None: none)
 
 
 def _bundled() -> ModelSpec:
@@ -61,7 +64,8 @@ def _sdlike() -> ModelSpec:
     from ..zoo.sdlike_unet import SDLIKE_SCHEDULER_CONFIG, build_sdlike_unet
 
     return ModelSpec(build_sdlike_unet, build_sdlike_unet, SDLIKE_SCHEDULER_CONFIG, (4, 32, 32), 4,
-                     "SD-like UNet (64.1M params, random weights, 4×32×32 latents, channels 128/256/512)")
+                     "SD-like UNet (64.1M params, random weights, 4×32×32 latents, channels 128/256/512)",
+                     large_size=128)
 
 
 class _Models(dict):
@@ -126,6 +130,9 @@ def bench_model(name: str, recipes: tuple[str, ...], peers: tuple[str, ...], ste
                    first_seconds=first[v.name])
         if memory and not v.name.endswith("compile") and (v.name in ("fp32", "bf16") or v.checkpoint):
             row["memory"] = measure(name, v.dtype, v.checkpoint, spec.batch, 2, threads)
+        if memory and spec.large_size and "memory" in row and not v.name.endswith("(fp32 act.)"):
+            # batch 1, 1 step: at this size one step already reaches every layer's peak
+            row["memory_large"] = measure(name, v.dtype, v.checkpoint, 1, 1, threads, size=spec.large_size)
         rows.append(row)
     # the checkpoints were only needed by the variants and the memory processes: 160 MB per
     # SD-like run would otherwise pile up in the temp folder (the models keep no file open: load
@@ -134,7 +141,7 @@ def bench_model(name: str, recipes: tuple[str, ...], peers: tuple[str, ...], ste
     compiled = next((r for r in rows if r["name"].endswith("w8a8 + compile")), None)
     attention = attention_table(fp, (calib[0][0], calib[0][1]), compiled and 1e3 * compiled["seconds"] / steps)
     return dict(model=name, description=spec.description, batch=spec.batch, steps=steps, repeats=repeats, rows=rows,
-                attention=attention)
+                attention=attention, large_size=spec.large_size)
 
 
 def _fmt_paths(paths: dict) -> str:
@@ -148,6 +155,27 @@ def _above(m: dict, fp: dict, key: str) -> str:
     a = m[key] - m["baseline_mb"]
     fp_a = fp[key] - fp["baseline_mb"] if fp.get(key) is not None else None
     return f"{a:.0f}" + (f" ({a / fp_a:.2f})" if fp_a else "")
+
+
+def _large_table(res: dict) -> list[str]:
+    """The memory measured at the model's larger latent size, as a table (empty if none)."""
+    rows = [r for r in res["rows"] if "memory_large" in r]
+    if not rows or rows[0]["name"] != "fp32":
+        return []
+    s, fp = res["large_size"], rows[0]["memory_large"]
+    out = [f"Peak RSS at {s}×{s} latents (batch 1, 1 DDIM step, a fresh process per variant): attention's"
+           " score matrices grow with the square of the token count, so at this size they, not the weights,"
+           " decide activation memory.", "",
+           "| variant | peak RSS MB | RSS above baseline MB (× FP32) | while sampling, above baseline MB (× FP32) |",
+           "|---|---|---|---|"]
+    for r in rows:
+        m = r["memory_large"]
+        if "error" in m:
+            out.append(f"| {r['name']} | error | {m['error']} | – |")
+            continue
+        out.append(f"| {r['name']} | {m['peak_mb']:.0f} | {_above(m, fp, 'peak_mb')} |"
+                   f" {_above(m, fp, 'sampling_peak_mb')} |")
+    return out + [""]
 
 
 def markdown(results: list[dict], command: str, threads: int) -> str:
@@ -189,6 +217,7 @@ def markdown(results: list[dict], command: str, threads: int) -> str:
                        f" {ck} | {peak} | {above} | {sampling} | {_fmt_paths(r['paths'])} | {r['build_seconds']:.0f} |"
                        f" {r['first_seconds']:.1f} |")
         out.append("")
+        out += _large_table(res)
         if res.get("attention"):
             out += ["Attention matmuls (QKᵀ + PV) at this model's shapes, operands already quantized"
                     " (`lowbit.bench.attention`): a native int8 path would only pay where its column beats bf16.",

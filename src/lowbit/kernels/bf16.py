@@ -59,6 +59,9 @@ def _values_eager(x: torch.Tensor, params: torch.Tensor, fmt, fast: tuple | None
     # a convolution's input goes NHWC (oneDNN's fast bf16 layout) in the same pass; a Linear's
     # contiguous (inductor would keep a transposed input's strides, and F.linear on those runs
     # as copies and bmm: SD-like FP8 eager 458 -> 500 ms per step)
+    # (1-D: a chunk of lowbit._chunked.map_chunked, laid out by the caller)
+    if v.dim() != 4:
+        return v.contiguous()
     return v.contiguous(memory_format=torch.channels_last) if nhwc else v.contiguous()
 
 
@@ -89,7 +92,9 @@ class _ActValues:
         # (an earlier version looked minifloats up in a 65,536-entry table by bf16 bit pattern;
         # the gather had to stay an opaque operator, unfused, and cost the bundled FP8 compiled
         # step 256-275 ms against 233 ms for the fused arithmetic)
-        return run_compiled(self.fns[nhwc], x, self.params)
+        v = run_compiled(self.fns[nhwc], x, self.params, elementwise=True)
+        # (eager chunks come back in x's layout; a no-op otherwise)
+        return v.contiguous(memory_format=torch.channels_last) if nhwc and v.dim() == 4 else v
 
 
 class Bf16Kernel:
