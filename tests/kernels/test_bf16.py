@@ -232,3 +232,17 @@ def test_packed_conv_weight_equals_the_plain_bf16_convolution():
         ref = F.conv2d(x.float(), w_bf16.float(), bias.bfloat16().float(), 1, 1)
         assert torch.allclose(y.float(), ref, rtol=2 ** -7, atol=1e-2 * float(ref.abs().max()) * 2 ** -7)
     assert torch.equal(kern.w.to_dense(), w_bf16)
+
+
+@pytest.mark.parametrize("shape", [(300, 64, 3, 3), (70, 1000), (5, 1 << 17), (0, 4)])
+def test_scales_folded_in_channel_blocks_equal_the_whole_weight_product(shape):
+    """The folded bf16 weight is computed a few output channels at a time (bounded float64
+    temporaries while loading); it must equal the one-shot float64 product cast to bf16."""
+    from lowbit.kernels.bf16 import _fold_scales
+
+    g = torch.Generator().manual_seed(1)
+    values = torch.randint(-448, 449, shape, generator=g).float()
+    scale = torch.rand(shape[0], generator=g, dtype=torch.float64) * 1e-3 + 1e-5
+    ref = (values.double() * scale.reshape((-1,) + (1,) * (len(shape) - 1))).to(torch.bfloat16)
+    got = _fold_scales(values, scale)
+    assert got.dtype == torch.bfloat16 and torch.equal(got, ref)

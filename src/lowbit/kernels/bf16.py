@@ -71,6 +71,20 @@ def _values_fn(fmt, nhwc: bool):
     return functools.partial(_values_eager, fmt=fmt, fast=fmt.fast_round_args(), nhwc=nhwc)
 
 
+def _fold_scales(values: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """``bf16(values[c] · scale[c])`` per output channel ``c``, the product in float64 (PyTorch
+    casts it to bf16 through float32). A few channels at a time, same values as the whole-weight
+    product: float64 copies of a whole weight (8 bytes per weight, twice over with the product)
+    made the transient peak of loading an SD-like FP8 checkpoint."""
+    out = torch.empty(values.shape, dtype=torch.bfloat16, device=values.device)
+    per_channel = max(1, values[0].numel()) if len(values) else 1
+    step = max(1, (1 << 16) // per_channel)
+    bshape = (-1,) + (1,) * (values.dim() - 1)
+    for i in range(0, len(values), step):
+        out[i:i + step] = values[i:i + step].double().mul_(scale[i:i + step].reshape(bshape))
+    return out
+
+
 class _ActValues:
     """Unscaled format values of an activation quantizer, as bf16. In a compiled model the
     arithmetic fuses into the kernel that computes the activation (GroupNorm, SiLU); in eager
@@ -113,9 +127,7 @@ class Bf16Kernel:
                  act: tuple | None, conv: tuple | None = None) -> None:
         self.act = _ActValues(*act, device=w_values.device) if act is not None else None
         s_x = float(act[1]) if act is not None else 1.0
-        scale = w_scale.reshape(-1).double() * s_x
-        w = w_values.double() * scale.reshape((-1,) + (1,) * (w_values.dim() - 1))
-        self.w = w.to(torch.bfloat16)
+        self.w = _fold_scales(w_values, w_scale.reshape(-1).double() * s_x)
         self.bias = None if bias is None else bias.detach().to(torch.bfloat16)
         self.conv = conv
         self.packed_for, self.kid = None, None
