@@ -102,21 +102,34 @@ def _attn_model():
     return nn.ModuleDict({"a": attn})
 
 
-def test_processor_calibrates_on_whole_tensor_and_runs_in_blocks():
+def _calibrated(block_elements, observer="minmax", x=None):
     model = _attn_model()
-    apply_specs(model, {"a": LayerSpec(None, "uint8")})
+    apply_specs(model, {"a": LayerSpec(None, "uint8", act_observer=observer)})
     proc = model["a"].processor
     assert isinstance(proc, QuantAttnProcessor)
-    proc.block_elements = 100  # far below one head's 64×64 scores: row blocks
-    x = torch.randn(3, 32, 8, 8)
+    proc.block_elements = block_elements
     seen = []
     proc.p_quant.register_forward_pre_hook(lambda m, i: seen.append(i[0].shape))
     calibrate(model["a"], [x], progress=False)
-    assert seen == [torch.Size([12, 64, 64])]  # the observer saw every probability at once
+    return model, proc, seen
+
+
+def test_minmax_calibration_in_blocks_finds_the_whole_tensor_range():
+    x = torch.randn(3, 32, 8, 8)
+    _, whole, seen = _calibrated(math.inf, x=x)
+    assert seen == [torch.Size([12, 64, 64])]
+    model, blocked, seen = _calibrated(100, x=x)  # far below one head's 64×64 scores: row blocks
+    assert len(seen) == 12 and all(s == torch.Size([1, 64, 64]) for s in seen)
+    for (n, a), (_, b) in zip(whole.activation_quantizers(), blocked.activation_quantizers()):
+        assert torch.equal(a.scale, b.scale) and torch.equal(a.zero, b.zero), n
     seen.clear()
     with torch.no_grad():
-        blocked = model["a"](x)
-        assert len(seen) == 12 and all(s == torch.Size([1, 64, 64]) for s in seen)
-        proc.block_elements = math.inf
-        whole = model["a"](x)
-    assert torch.allclose(blocked, whole, atol=1e-4)
+        out = model["a"](x)
+        assert len(seen) == 12
+        blocked.block_elements = math.inf
+        assert torch.allclose(out, model["a"](x), atol=1e-4)
+
+
+def test_sampling_observer_sees_the_whole_tensor():
+    _, _, seen = _calibrated(100, observer="mse", x=torch.randn(3, 32, 8, 8))
+    assert seen == [torch.Size([12, 64, 64])]

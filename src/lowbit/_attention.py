@@ -19,8 +19,9 @@ This is the query-chunking of Rabe & Staats, "Self-attention does not need O(n²
 without its key-chunking, which would need a running softmax and change the rounding.
 
 Written by hand because no PyTorch or diffusers op computes attention with a quantizer between
-the softmax and the second matmul. Calibration needs the whole matrix (an observer's range must
-see every element at once), so :func:`attention_core` only splits when no quantizer is observing.
+the softmax and the second matmul. While calibrating, a min/max observer finds the same range
+block by block; an observer that samples the values (percentile, MSE) must see the whole matrix
+at once, and the processor then passes an unlimited budget.
 """
 
 from __future__ import annotations

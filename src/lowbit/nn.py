@@ -256,9 +256,11 @@ class QuantAttnProcessor(QuantModule):
         query = self.q_quant(attn.head_to_batch_dim(query))
         key = self.k_quant(attn.head_to_batch_dim(key))
         value = self.v_quant(attn.head_to_batch_dim(value))
-        # in blocks of heads or query rows (lowbit._attention) to bound memory, except while calibrating:
-        # the probabilities' observer must see the whole tensor at once
-        budget = self.block_elements if self.p_quant.observer is None else math.inf
+        # in blocks of heads or query rows (lowbit._attention) to bound memory; while calibrating
+        # too if the probabilities' observer keeps only min/max (the same range block by block),
+        # not if it samples the values (percentile/MSE must see the whole tensor at once)
+        obs = self.p_quant.observer
+        budget = self.block_elements if obs is None or getattr(obs, "kind", None) == "minmax" else math.inf
         hidden_states = attn.batch_to_head_dim(attention_core(attn, query, key, value, attention_mask,
                                                               self.p_quant, budget))
         hidden_states = attn.to_out[1](attn.to_out[0](hidden_states))
