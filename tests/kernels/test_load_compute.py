@@ -136,15 +136,23 @@ def test_unknown_compute_is_refused(checkpoints, bad):
 def test_loaded_model_traces_as_one_graph(checkpoints, recipe, dtype):
     """torch.compile sees the whole native model as one graph: every kernel call, activation
     quantizer and format constant is traceable (a graph break splits the model and costs the
-    fusions that make compiled W8A8 fast; a cached format property once broke every FP layer)."""
+    fusions that make compiled W8A8 fast; a cached format property once broke every FP layer).
+    Attention split into blocks (lowbit._attention) traces as one graph too."""
+    from lowbit.nn import QuantAttnProcessor
+
     with torch.device("meta"):
         model = make_unet(device="meta")
     model = load(checkpoints(recipe), model, dtype=dtype)
     x, t = X
-    torch._dynamo.reset()
-    explained = torch._dynamo.explain(model)(x.to(dtype), t)
-    assert explained.graph_break_count == 0, explained.break_reasons
-    assert explained.graph_count == 1
+    procs = [m for m in model.modules() if isinstance(m, QuantAttnProcessor)]
+    assert procs
+    for block_elements in (None, 100):  # the default (one block here); 100: a block per head
+        for p in procs:
+            p.block_elements = block_elements or QuantAttnProcessor.block_elements
+        torch._dynamo.reset()
+        explained = torch._dynamo.explain(model)(x.to(dtype), t)
+        assert explained.graph_break_count == 0, explained.break_reasons
+        assert explained.graph_count == 1
 
 
 @pytest.mark.parametrize("bad", ["bogus", "tpu", 3.5])
