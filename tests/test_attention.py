@@ -71,6 +71,16 @@ def test_query_row_blocks_agree_within_float_rounding():
     assert (got - ref).abs().gt(1e-5).float().mean() < 0.01
 
 
+def test_float_budgets_work_and_bad_ones_are_refused():
+    attn = Attention(16, heads=2, dim_head=8)
+    q, k, v = _operands(6, 20, 20, 8, torch.float32)
+    ref = attention_core(attn, q, k, v, None, _p_quant(), budget=math.inf)
+    assert torch.equal(attention_core(attn, q, k, v, None, _p_quant(), budget=800.0), ref)
+    for bad in (0, -5, float("nan")):
+        with pytest.raises(ValueError, match="at least 1"):
+            attention_core(attn, q, k, v, None, _p_quant(), budget=bad)
+
+
 class _LargestTensor(TorchDispatchMode):
     def __init__(self):
         super().__init__()

@@ -38,28 +38,30 @@ __all__ = ["BLOCK_ELEMENTS", "attention_core"]
 BLOCK_ELEMENTS = 1 << 18
 
 
-def _blocks(n: int, rows: int, keys: int, budget: int) -> list[tuple[slice, slice]]:
+def _blocks(n: int, rows: int, keys: int, budget: float) -> list[tuple[slice, slice]]:
     # (batch·head slice, query-row slice) pairs covering the score tensor in memory order
     if n * rows * keys <= budget:
         return [(slice(0, n), slice(0, rows))]
     if rows * keys <= budget:
-        g = budget // (rows * keys)
+        g = int(budget // (rows * keys))
         return [(slice(i, min(i + g, n)), slice(0, rows)) for i in range(0, n, g)]
     # at least 64 query rows: MKL picks its GEMM kernel by matrix size, and for a few rows it
     # takes paths that round differently and run slowly
-    r = max(64, budget // keys // 64 * 64)
+    r = max(64, int(budget // keys) // 64 * 64)
     return [(slice(i, i + 1), slice(j, min(j + r, rows))) for i in range(n) for j in range(0, rows, r)]
 
 
 def attention_core(attn: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                    mask: torch.Tensor | None, p_quant: Callable[[torch.Tensor], torch.Tensor],
-                   budget: int = BLOCK_ELEMENTS) -> torch.Tensor:
+                   budget: float = BLOCK_ELEMENTS) -> torch.Tensor:
     """``bmm(p_quant(attn.get_attention_scores(query, key, mask)), value)`` for ``(n, tokens,
     head_dim)`` operands, computed in blocks of at most ``budget`` score elements.
 
     ``mask`` is diffusers' prepared attention mask (``(n, 1 or queries, keys)``) or None. The
     result equals the one-block computation; ``budget`` only trades memory for loop overhead.
     """
+    if not budget >= 1:  # (NaN too)
+        raise ValueError(f"attention block budget must be at least 1 score element, got {budget!r}")
     n, rows, keys = query.shape[0], query.shape[1], key.shape[1]
     blocks = _blocks(n, rows, keys, budget)
     if len(blocks) == 1:
