@@ -7,7 +7,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: install demo test bench data clean
+.PHONY: install demo test bench gpu-wheels data clean
 
 install: $(STAMP)
 
@@ -29,6 +29,12 @@ test: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python -m pip install -q -e ".[test,bench]"
 	$(BIN)/lowbit bench
+
+# Wheels that scripts/gpu-check.sh installs on a lent GPU machine, which has PyTorch but not
+# diffusers and cannot download (pure-Python wheels, the versions installed here).
+gpu-wheels: $(STAMP)
+	$(BIN)/python -m pip download -q --no-deps -d .gpu-wheels \
+		"diffusers==$$($(BIN)/python -c 'import diffusers; print(diffusers.__version__)')" importlib_metadata
 
 # Fashion-MNIST (Debian package) — only needed to train or to regenerate reference statistics;
 # the demo and the tests run from what the repo ships.
