@@ -208,7 +208,7 @@ def load(path: "str | Path", model: nn.Module, *, compute: str = "auto",
     :func:`lowbit.kernels.set_compute`; feed bf16 inputs).
 
     ``device="cuda"`` moves the loaded model to the GPU and installs the kernels there (``torch._int_mm``
-    W8A8 and ``torch._scaled_mm`` FP8 Linears, bf16 convolutions); the codes are unpacked on the host
+    W8A8 Linears and convolutions, ``torch._scaled_mm`` FP8 Linears, bf16 grouped convolutions); the codes are unpacked on the host
     first, so host memory briefly holds the model's codes.
     """
     from .kernels.select import PATHS

@@ -60,3 +60,24 @@ def test_load_onto_cuda_installs_the_gpu_kernels(tmp_path, recipe):
     paths = {m.compute_path for m in gpu.modules() if hasattr(m, "compute_path")}
     assert any(p.startswith("native") or p == "bf16" for p in paths), paths
     assert lowbit.nn.sqnr_db(ref, out) > 30
+
+
+def test_w8a8_convolutions_run_int8_on_cuda():
+    """``auto`` on CUDA runs a W8A8 conv as the im2col ``_int_mm`` GEMM (no longer bf16), with
+    the same integers as the emulated layer."""
+    import lowbit
+    from lowbit.kernels.int_mm_conv import IntMMConv2dKernel
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(8, 16, 3, padding=1), torch.nn.SiLU(),
+                                torch.nn.Conv2d(16, 24, 3, stride=2, padding=1)).cuda()
+    calib = [torch.randn(2, 8, 12, 12, device="cuda") for _ in range(2)]
+    lowbit.quantize(model, lowbit.recipe("w8a8", exclude_defaults=False), calib, progress=False)
+    x = torch.randn(2, 8, 12, 12, device="cuda")
+    with torch.no_grad():
+        emulated = model(x)
+        chosen = set_compute(model, "auto")
+        native = model(x)
+    assert set(chosen.values()) == {"native int8 (_int_mm)"}
+    assert all(isinstance(m.kernel, IntMMConv2dKernel) for m in (model[0], model[2]))
+    assert lowbit.nn.sqnr_db(emulated, native) > 60

@@ -3,8 +3,9 @@
 On a GPU the baseline that matters is bf16 (nobody deploys fp32 there), so ratios are to bf16
 eager *in the same run*. Each lowbit recipe goes through the user path — quantize on the CPU,
 save the packed checkpoint, ``load(..., device="cuda", dtype=torch.bfloat16)`` — which installs
-``torch._int_mm`` W8A8 and ``torch._scaled_mm`` FP8 Linears (compute capability ≥ 8.9) and bf16
-convolutions (``lowbit.kernels.select``). Timing synchronises the device around each sampling
+``torch._int_mm`` W8A8 Linears and convolutions (im2col, ``kernels/int_mm_conv.py``) and
+``torch._scaled_mm`` FP8 Linears (compute capability ≥ 8.9; FP8 convolutions run bf16)
+(``lowbit.kernels.select``). Timing synchronises the device around each sampling
 run; the sampler's scheduler arithmetic stays on the host (a few hundred floats per step), so
 every step pays one host↔device round trip, alike for every variant. Memory is the CUDA
 allocator's peak while sampling (``torch.cuda.max_memory_allocated``, reset per variant).

@@ -2,14 +2,14 @@
 
 A quantized layer can run four ways; its report row says which one it runs:
 
-``native int8``  integer GEMM/convolution: oneDNN on CPU (:mod:`.onednn`), ``torch._int_mm`` for
-                 Linear on CUDA (:mod:`.int_mm`). Needs INT weights of ≤ 8 bits with symmetric
+``native int8``  integer GEMM/convolution: oneDNN on CPU (:mod:`.onednn`), ``torch._int_mm`` on
+                 CUDA (:mod:`.int_mm` for Linear, :mod:`.int_mm_conv` for ``groups=1`` Conv2d). Needs INT weights of ≤ 8 bits with symmetric
                  tensor/channel scales and a calibrated per-tensor INT activation quantizer.
 ``native fp8``   FP8 E4M3 × E4M3 Linear on ``torch._scaled_mm`` (:mod:`.scaled_mm`): chosen by
                  ``auto`` on CUDA GPUs with FP8 tensor cores (compute capability ≥ 8.9); ``"fp8"``
                  forces it on any device (on CPU it is slower than bf16, but computes the same).
 ``bf16``         exact unscaled operands in bf16, scales in float32 (:mod:`.bf16`): minifloat
-                 formats (FP8, FP6, FP4) and weight-only layers, and INT convolutions on CUDA.
+                 formats (FP8, FP6, FP4) and weight-only layers, and grouped INT convolutions on CUDA.
 ``emulated``     dequantize, then float32 (:mod:`lowbit.nn`): everything else — group-wise scales,
                  formats with more than 8 significant bits, and tiny layers.
 
@@ -30,6 +30,7 @@ from .bf16 import Bf16Kernel, exact_in_bf16
 from .fuse import fuse_attention_projections, unfuse_attention_projections
 from .groupnorm import use_nhwc_group_norm
 from .int_mm import IntMMLinearKernel
+from .int_mm_conv import IntMMConv2dKernel
 from .scaled_mm import Fp8LinearKernel, fp8_available, is_e4m3fn
 
 __all__ = ["PATHS", "choose_path", "set_compute"]
@@ -65,8 +66,9 @@ def _int8_ok(layer, device: torch.device) -> bool:
         return False
     if device.type == "cpu":
         return onednn.available()
-    if device.type == "cuda":  # _int_mm: Linear only, uint8 activations
-        return type(layer).__name__ == "QuantLinear" and aq.fmt.name == "uint8"
+    if device.type == "cuda":  # _int_mm: Linear, and Conv2d as an im2col GEMM (groups=1); uint8 activations
+        kind = type(layer).__name__
+        return aq.fmt.name == "uint8" and (kind == "QuantLinear" or (kind == "QuantConv2d" and layer.groups == 1))
     return False
 
 
@@ -148,6 +150,9 @@ def _build(layer, path: str, dtype: torch.dtype):
         return Fp8LinearKernel(vals, w_scale, bias, act)
     w_int8 = vals.to(torch.int8)
     if layer.weight_quant.scale.device.type == "cuda":
+        if is_conv:
+            stride, padding, dilation, _ = _conv_args(layer)
+            return IntMMConv2dKernel(w_int8, w_scale, bias, act[1], int(act[2]), stride, padding, dilation)
         return IntMMLinearKernel(w_int8, w_scale, bias, act[1], int(act[2]))
     if is_conv:
         return onednn.Int8Conv2dKernel(w_int8.cpu(), w_scale, bias, *act, *_conv_args(layer), out_dtype=dtype)
