@@ -94,3 +94,11 @@ def test_wrong_inputs_are_refused():
         IntMMConv2dKernel(w.to(torch.int16), w_scale, bias, 0.03, 128)
     with pytest.raises(FormatError, match="zero-point"):
         IntMMConv2dKernel(w, w_scale, bias, 0.03, 300)
+
+
+def test_traces_as_one_graph():
+    """The GPU benchmark compiles models that run this kernel: it must trace without breaks."""
+    x, w, w_scale, bias = _case(8, 16, (3, 3), (6, 6), seed=2)
+    k = IntMMConv2dKernel(w, w_scale, bias, 0.03, 37, padding=(1, 1), pad=True)
+    traced = torch.compile(lambda t: k(t), backend="eager", fullgraph=True)
+    assert torch.equal(traced(x), k(x))
