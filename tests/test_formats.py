@@ -174,13 +174,10 @@ def test_fp8_round_matches_torch_cast_on_1e6_values(name):
     x = fp8_test_inputs(name)
     ours = fmt.round(x)
     assert ours.dtype == torch.float32
-    if name == "fp8_e4m3":
-        # torch's float8_e4m3fn cast saturates to ±448 (inf included), like lowbit: compare directly.
-        ref8 = x.to(dtype)
-    else:
-        # torch's float8_e5m2 cast overflows to ±inf (IEEE); lowbit saturates. Compare against the
-        # cast of the clamped input, and check saturation separately below.
-        ref8 = x.clamp(-vmax, vmax).to(dtype)
+    # lowbit saturates; torch's casts of out-of-range values differ by format and version
+    # (float8_e5m2 overflows to ±inf; float8_e4m3fn saturates in torch 2.13 but gave NaN in 2.11).
+    # Compare against the cast of the clamped input, and check saturation separately below.
+    ref8 = x.clamp(-vmax, vmax).to(dtype)
     ref = ref8.float()
     assert not torch.isnan(ref).any()
     bad = bits32(ours) != bits32(ref)  # exact, including the sign of zero

@@ -30,8 +30,16 @@ def _reference(x, s_x, v_w, s_w, bias):
     return (v_x @ v_w.double().t()) * (s_x * s_w.double()) + bias.double()
 
 
+@pytest.mark.parametrize("rowwise", [True, False])
 @pytest.mark.parametrize("pad", [False, True])
-def test_kernel_matches_the_float64_reference_within_bf16_rounding(pad):
+def test_kernel_matches_the_float64_reference_within_bf16_rounding(pad, rowwise, monkeypatch):
+    """Both forms: per-row/column scales inside _scaled_mm, and the unit-scale fp32 form that
+    builds with per-tensor-only scales get (the CPU operator of torch < 2.13)."""
+    import lowbit.kernels.scaled_mm as sm
+
+    if rowwise and not sm.rowwise_scales_supported(torch.device("cpu")):
+        pytest.skip("this torch's CPU _scaled_mm takes per-tensor scales only")
+    monkeypatch.setattr(sm, "rowwise_scales_supported", lambda device: rowwise)
     g = torch.Generator().manual_seed(0)
     n, k = 40, 72  # neither a multiple of 16: pad=True exercises the CUDA layout
     fmt = parse("fp8_e4m3")

@@ -19,6 +19,12 @@ FP8 kernel in PyTorch and run bf16.
 
 CUDA wants K and N multiples of 16: the weight is zero-padded once here and the activation's
 columns per call (zeros add nothing); ``pad=True`` forces that layout on CPU too (tests).
+
+Where a build's ``_scaled_mm`` takes only per-tensor scales (the CPU operator before torch 2.13:
+"only supports per-tensor scaling for CPU backend"), the kernel calls it with unit scales and a
+float32 output and applies the row/column scales and the bias itself: the same fp32 accumulator,
+one more float32 rounding before the bf16 one. Which form a device takes is probed once with a
+16×16 product (:func:`rowwise_scales_supported`).
 """
 
 from __future__ import annotations
@@ -31,7 +37,7 @@ import torch.nn.functional as F
 from ..errors import FormatError
 from .bf16 import _ActValues
 
-__all__ = ["Fp8LinearKernel", "fp8_available", "is_e4m3fn"]
+__all__ = ["Fp8LinearKernel", "fp8_available", "is_e4m3fn", "rowwise_scales_supported"]
 
 _ALIGN = 16
 
@@ -54,6 +60,23 @@ def fp8_available(device: torch.device) -> bool:
     if device.type != "cuda" or not torch.cuda.is_available() or not hasattr(torch, "_scaled_mm"):
         return False
     return torch.cuda.get_device_capability(device) >= (8, 9)
+
+
+@functools.lru_cache(maxsize=None)
+def _rowwise_probe(device_type: str, index: int | None) -> bool:
+    dev = torch.device(device_type, index) if index is not None else torch.device(device_type)
+    a = torch.ones(16, 16, device=dev).to(torch.float8_e4m3fn)
+    try:
+        torch._scaled_mm(a, a.t(), scale_a=torch.ones(16, 1, device=dev), scale_b=torch.ones(1, 16, device=dev),
+                         out_dtype=torch.bfloat16)
+    except RuntimeError:
+        return False
+    return True
+
+
+def rowwise_scales_supported(device: torch.device) -> bool:
+    """True if ``torch._scaled_mm`` on ``device`` takes per-row/per-column scales (probed once)."""
+    return _rowwise_probe(device.type, device.index)
 
 
 def _pad_cols(t: torch.Tensor, to: int) -> torch.Tensor:
@@ -97,6 +120,15 @@ class Fp8LinearKernel:
         lead = x.shape[:-1]
         v = self.act(x.reshape(-1, self.k))  # exact E4M3 values (as bf16)
         a = _pad_cols(v, self.kp).to(torch.float8_e4m3fn)
-        s_x = torch.full((a.shape[0], 1), self.s_x, dtype=torch.float32, device=x.device)
-        y = torch._scaled_mm(a, self.w_t, scale_a=s_x, scale_b=self.s_w, bias=self.bias, out_dtype=torch.bfloat16)
+        if rowwise_scales_supported(x.device):
+            s_x = torch.full((a.shape[0], 1), self.s_x, dtype=torch.float32, device=x.device)
+            y = torch._scaled_mm(a, self.w_t, scale_a=s_x, scale_b=self.s_w, bias=self.bias,
+                                 out_dtype=torch.bfloat16)
+        else:  # per-tensor-only builds: unit scales, the epilogue here (see the module docstring)
+            one = torch.ones((), dtype=torch.float32, device=x.device)
+            acc = torch._scaled_mm(a, self.w_t, scale_a=one, scale_b=one, out_dtype=torch.float32)
+            y = acc.mul_(self.s_w * self.s_x)
+            if self.bias is not None:
+                y.add_(self.bias.float())
+            y = y.to(torch.bfloat16)
         return y[:, : self.n].reshape(*lead, self.n).to(x.dtype)
