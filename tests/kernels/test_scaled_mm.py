@@ -39,7 +39,7 @@ def test_kernel_matches_the_float64_reference_within_bf16_rounding(pad, rowwise,
 
     if rowwise and not sm.rowwise_scales_supported(torch.device("cpu")):
         pytest.skip("this torch's CPU _scaled_mm takes per-tensor scales only")
-    monkeypatch.setattr(sm, "rowwise_scales_supported", lambda device: rowwise)
+    monkeypatch.setattr(sm, "rowwise_scales_supported", lambda device: rowwise)  # read at construction
     g = torch.Generator().manual_seed(0)
     n, k = 40, 72  # neither a multiple of 16: pad=True exercises the CUDA layout
     fmt = parse("fp8_e4m3")
@@ -135,3 +135,18 @@ def test_load_accepts_the_fp8_path(tmp_path):
     assert {m.compute_path for m in loaded.modules() if isinstance(m, QuantLinear)} == {FP8}
     with torch.no_grad():
         assert all(torch.equal(a, b) for a, b in zip(loaded(x), net(x)))  # the same kernels
+
+
+def test_compiled_kernel_traces_as_one_graph():
+    """The GPU benchmark compiles FP8 models: the kernel's call (both forms) has no graph break."""
+    import lowbit.kernels.scaled_mm as sm
+
+    fmt = parse("fp8_e4m3")
+    g = torch.Generator().manual_seed(1)
+    v_w = fmt.round(torch.randn(32, 48, generator=g) * 40)
+    x = torch.randn(20, 48, generator=g)
+    kern = Fp8LinearKernel(v_w, torch.rand(32, generator=g) * 0.01 + 1e-3, torch.randn(32, generator=g),
+                           (fmt, 0.01, 0.0))
+    traced = torch.compile(lambda t: kern(t), backend="eager", fullgraph=True)
+    assert torch.equal(traced(x), kern(x))
+    assert kern.rowwise == sm.rowwise_scales_supported(torch.device("cpu"))

@@ -109,6 +109,9 @@ class Fp8LinearKernel:
         s_w[:n] = w_scale.reshape(-1).float()
         self.s_w = s_w.reshape(1, -1)
         self.s_x = float(scale)
+        # decided here, not per call: a compiled model must not trace the (cached) probe
+        self.rowwise = rowwise_scales_supported(device)
+        self.s_epilogue = self.s_w * self.s_x  # the fallback's scales (see the module docstring)
         self.act = _ActValues(*act, device=device)
         self.bias = None
         if bias is not None:
@@ -120,14 +123,14 @@ class Fp8LinearKernel:
         lead = x.shape[:-1]
         v = self.act(x.reshape(-1, self.k))  # exact E4M3 values (as bf16)
         a = _pad_cols(v, self.kp).to(torch.float8_e4m3fn)
-        if rowwise_scales_supported(x.device):
+        if self.rowwise:
             s_x = torch.full((a.shape[0], 1), self.s_x, dtype=torch.float32, device=x.device)
             y = torch._scaled_mm(a, self.w_t, scale_a=s_x, scale_b=self.s_w, bias=self.bias,
                                  out_dtype=torch.bfloat16)
         else:  # per-tensor-only builds: unit scales, the epilogue here (see the module docstring)
             one = torch.ones((), dtype=torch.float32, device=x.device)
             acc = torch._scaled_mm(a, self.w_t, scale_a=one, scale_b=one, out_dtype=torch.float32)
-            y = acc.mul_(self.s_w * self.s_x)
+            y = acc.mul_(self.s_epilogue)
             if self.bias is not None:
                 y.add_(self.bias.float())
             y = y.to(torch.bfloat16)

@@ -3,8 +3,9 @@
 A quantized layer can run four ways; its report row says which one it runs:
 
 ``native int8``  integer GEMM/convolution: oneDNN on CPU (:mod:`.onednn`), ``torch._int_mm`` on
-                 CUDA (:mod:`.int_mm` for Linear, :mod:`.int_mm_conv` for ``groups=1`` Conv2d). Needs INT weights of ≤ 8 bits with symmetric
-                 tensor/channel scales and a calibrated per-tensor INT activation quantizer.
+                 CUDA (:mod:`.int_mm` for Linear, :mod:`.int_mm_conv` for ``groups=1`` Conv2d).
+                 Needs INT weights of ≤ 8 bits with symmetric tensor/channel scales and a
+                 calibrated per-tensor INT activation quantizer.
 ``native fp8``   FP8 E4M3 × E4M3 Linear on ``torch._scaled_mm`` (:mod:`.scaled_mm`): chosen by
                  ``auto`` on CUDA GPUs with FP8 tensor cores (compute capability ≥ 8.9); ``"fp8"``
                  forces it on any device (on CPU it is slower than bf16, but computes the same).
