@@ -99,6 +99,13 @@ def quantize_activation(x: torch.Tensor, x_scale, x_zero) -> torch.Tensor:
     return torch.clamp(y, 0, 255).to(torch.uint8)
 
 
+def codes_minus_128(x: torch.Tensor, inv_scale: torch.Tensor, z: int) -> torch.Tensor:
+    """``a = q_x − 128`` as int8 (the operand ``_int_mm`` takes), in ``x``'s layout:
+    ``clamp(round(x/s) + z, 0, 255) − 128 == clamp(round(x/s) + (z − 128), −128, 127)``."""
+    y = x.float() * inv_scale
+    return y.round_().add_(z - 128).clamp_(-128, 127).to(torch.int8)  # y is fresh: in place is safe
+
+
 # --------------------------------------------------------------------------- reference
 def linear_w8a8_reference_acc(x: torch.Tensor, x_scale, x_zero, w_codes_int8: torch.Tensor) -> torch.Tensor:
     """Exact integer accumulator ``Σ_k (q_x − z_x) · w[n, k]`` as int64, shape ``[..., N]``."""
@@ -174,9 +181,7 @@ def linear_w8a8_acc(x: torch.Tensor, x_scale, x_zero, weight) -> torch.Tensor:
     lead = x.shape[:-1]
     x2 = x.reshape(-1, k)
     m = x2.shape[0]
-    # a = q_x − 128 as int8: clamp(round(x/s) + z, 0, 255) − 128 == clamp(round(x/s) + (z − 128), −128, 127)
-    y = x2.float() * _inv_scale(x_scale, x.device)
-    y.round_().add_(z - 128).clamp_(-128, 127)  # y is a fresh tensor: in place is safe
+    y = codes_minus_128(x2, _inv_scale(x_scale, x.device), z)
     if p.padded:
         kp, mp = p.w_t.shape[0], max(m, _MIN_M)
         a = torch.zeros(mp, kp, dtype=torch.int8, device=x.device)
@@ -185,7 +190,7 @@ def linear_w8a8_acc(x: torch.Tensor, x_scale, x_zero, weight) -> torch.Tensor:
     elif m == 0:
         acc = torch.zeros(0, n, dtype=torch.int32, device=x.device)
     else:
-        acc = torch._int_mm(y.to(torch.int8), p.w_t)
+        acc = torch._int_mm(y, p.w_t)
     if z != 128:
         acc = acc.add_((128 - z) * p.colsum)  # acc is fresh (or a view of a fresh tensor)
     return acc.reshape(*lead, n)

@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import FormatError
-from .int_mm import _MIN_M, _check_zero, _inv_scale, prepare_linear_weight
+from .int_mm import _MIN_M, _check_zero, _inv_scale, codes_minus_128, prepare_linear_weight
 
 __all__ = ["IntMMConv2dKernel"]
 
@@ -73,9 +73,7 @@ class IntMMConv2dKernel:
         if c != self.in_channels:
             raise FormatError(f"input has {c} channels, the convolution expects {self.in_channels}")
         z = self.x_zero
-        # a = q − 128 in NHWC: clamp(round(x/s) + z, 0, 255) − 128, computed as linear_w8a8_acc does
-        a = x.permute(0, 2, 3, 1).float() * self.inv_scale
-        a = a.round_().add_(z - 128).clamp_(-128, 127).to(torch.int8)
+        a = codes_minus_128(x.permute(0, 2, 3, 1), self.inv_scale, z)  # NHWC
         (ph, pw), (sh, sw), (dh, dw), (kh, kw) = self.padding, self.stride, self.dilation, self.kernel_size
         if ph or pw:
             a = F.pad(a, (0, 0, pw, pw, ph, ph), value=z - 128)  # the code of 0.0
