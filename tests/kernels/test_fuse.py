@@ -31,7 +31,7 @@ def _linear(n: int, k: int, g: torch.Generator, bias: bool, zero: float = 3.0) -
 
 
 @pytest.mark.parametrize("out_dtype", [torch.float32, torch.bfloat16])
-def test_concat_equals_separate_kernels_bit_for_bit(out_dtype):
+def test_concat_computes_what_the_separate_kernels_compute(out_dtype):
     g = torch.Generator().manual_seed(0)
     ks = [_linear(24, 32, g, bias=True), _linear(16, 32, g, bias=False), _linear(8, 32, g, bias=True)]
     for k in ks:
@@ -40,8 +40,18 @@ def test_concat_equals_separate_kernels_bit_for_bit(out_dtype):
     want = torch.cat([k(x) for k in ks], dim=-1)
     fused = Int8LinearKernel.concat(ks)
     assert fused.out_features == 48
-    assert torch.equal(fused(x), want)
-    assert torch.equal(fused(x[0]), want[0])  # a second shape: repacked, still exact
+    _assert_same_integers(fused(x), want)
+    _assert_same_integers(fused(x[0]), want[0])  # a second shape: repacked, still exact
+
+
+def _assert_same_integers(y: torch.Tensor, want: torch.Tensor) -> None:
+    # the same int32 accumulators and per-column scales; only oneDNN's float epilogue
+    # (acc·s_x·s_w + bias) may round differently: bit-identical on the Zen 4 CPU, within one
+    # float32 ulp on an AMX Xeon, where oneDNN picks another kernel for the wider matrix. A
+    # wrong column, scale or bias would be off by whole output steps.
+    assert y.dtype == want.dtype and y.shape == want.shape
+    eps = torch.finfo(y.dtype).eps
+    torch.testing.assert_close(y, want, rtol=2 * eps, atol=2 * eps * float(want.abs().max()))
 
 
 def test_concat_refuses_different_quantizers():

@@ -213,6 +213,30 @@ def test_quantize_u8_compiled_equals_eager(monkeypatch):
     assert torch.equal(quantize_u8(xb, params, compiled=True), quantize_u8(xb.float(), params, compiled=False))
 
 
+def test_eager_conv_with_compiled_helpers_equals_without(monkeypatch):
+    """With the compiled helpers on, an eager convolution quantizes its input straight into
+    channels-last codes and converts a large output back to NCHW in compiled copies: the same
+    codes, the same output values, and the output still NCHW (as the eager model expects)."""
+    g = torch.Generator().manual_seed(21)
+    w = _weights((16, 16, 3, 3), "int8", g)
+    kern = Int8Conv2dKernel(w, torch.rand(16, generator=g) * 1e-2, torch.randn(16, generator=g), parse("uint8"),
+                            0.03, 37.0, (1, 1), (1, 1), (1, 1), 1, out_dtype=torch.bfloat16)
+    # 4×16×64×64 = 2^18 output elements: the compiled copy's size threshold, reached exactly
+    x = (torch.randn(4, 16, 64, 64, generator=g) * 2).to(torch.bfloat16)
+    assert x.numel() >= onednn._COMPILED_COPY_MIN
+    monkeypatch.setenv("LOWBIT_COMPILE_QUANT", "0")
+    eager_codes, eager_y = kern.act.nhwc(x), kern(x)
+    monkeypatch.setenv("LOWBIT_COMPILE_QUANT", "1")
+    codes, y = kern.act.nhwc(x), kern(x)
+    if onednn.use_compiled_helpers() is False:
+        pytest.skip("torch.compile is not usable here (no C++ compiler): the helpers fell back to eager")
+    assert codes.is_contiguous(memory_format=torch.channels_last) and not codes.is_contiguous()
+    assert torch.equal(codes, eager_codes)
+    assert y.is_contiguous() and torch.equal(y, eager_y)
+    y_nhwc = y.contiguous(memory_format=torch.channels_last)
+    assert torch.equal(onednn.to_nchw(y_nhwc), y) and onednn.to_nchw(y_nhwc).is_contiguous()
+
+
 def _linear_kernel_for_half_inputs():
     g = torch.Generator().manual_seed(9)
     w = torch.randint(-128, 128, (8, 32), generator=g).to(torch.int8)

@@ -120,6 +120,30 @@ def _quantize_eager(x: torch.Tensor, params: torch.Tensor) -> torch.Tensor:
     return quantize_chunked(x, inv_scale, lo, hi, add=zero, out_dtype=torch.uint8)
 
 
+def _quantize_nhwc(x: torch.Tensor, params: torch.Tensor) -> torch.Tensor:
+    # the codes written channels-last by the quantizing loop itself: converting them afterwards
+    # is a separate strided copy, which PyTorch runs at ~1 ns per element (measured: 4×128×32×32
+    # bf16 input, 0.95 ms as quantize + conversion, 0.53 ms as this one compiled kernel)
+    return _quantize_plain(x, params).contiguous(memory_format=torch.channels_last)
+
+
+def _contiguous(y: torch.Tensor) -> torch.Tensor:
+    return y.contiguous()
+
+
+# below this many elements PyTorch's own strided copy was as fast as the compiled one
+_COMPILED_COPY_MIN = 1 << 18
+
+
+def to_nchw(y: torch.Tensor) -> torch.Tensor:
+    """``y.contiguous()``: an NHWC convolution output in the NCHW layout of an eager model around
+    it, through a compiled copy for large tensors when the compiled helpers are on (inductor
+    tiles the transpose: 4×128×32×32 bf16, 0.35 against 0.67 ms; same values)."""
+    if y.is_contiguous() or y.numel() < _COMPILED_COPY_MIN or not use_compiled_helpers():
+        return y.contiguous()
+    return run_compiled(_contiguous, y)
+
+
 def quantize_u8(x: torch.Tensor, params: torch.Tensor, compiled: bool | None = None) -> torch.Tensor:
     """uint8 activation codes ``clamp(x · inv_scale, lo, hi).round() + zero`` where ``params`` is
     the float32 tensor ``[inv_scale, lo, hi, zero]``; ``lo``/``hi`` are the format bounds minus
@@ -148,6 +172,14 @@ class _ActCodes:
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         return quantize_u8(x, self.params)
+
+    def nhwc(self, x: torch.Tensor) -> torch.Tensor:
+        """The codes of 4-D ``x`` laid out channels-last (what oneDNN's convolution reads), in
+        one compiled pass when the helpers are on; otherwise in ``x``'s layout (the kernel
+        converts them)."""
+        if use_compiled_helpers():
+            return run_compiled(_quantize_nhwc, x, self.params)
+        return quantize_u8(x, self.params, compiled=False)
 
 
 def _check_weight(codes: torch.Tensor, w_scale: torch.Tensor) -> torch.Tensor:
@@ -212,7 +244,7 @@ class Int8Conv2dKernel:
         y = torch.ops.onednn.qconv2d_pointwise(q, self.act.scale, self.act.zero, self.packed, self.w_scale,
                                                 self.w_zero, self.bias, *self.args, 1.0, 0, self.out_dtype,
                                                 "none", _NO_POSTOP, "")
-        return y if nhwc else y.contiguous()
+        return y if nhwc else to_nchw(y)
 
     def fake(self, codes: torch.Tensor, nhwc: bool = False) -> torch.Tensor:
         """Output shape/layout of :meth:`run` (for ``torch.compile``)."""
@@ -224,7 +256,7 @@ class Int8Conv2dKernel:
             # them and reads the NHWC output inside the kernel that consumes it: no copies
             y = run_op(self.act(x).contiguous(memory_format=torch.channels_last), self.kid, True)
         else:
-            y = run_op(self.act(x), self.kid, False)
+            y = run_op(self.act.nhwc(x), self.kid, False)
         return y if x.dtype == self.out_dtype else y.to(x.dtype)
 
 
@@ -249,8 +281,9 @@ class Int8LinearKernel:
     def concat(cls, kernels: "list[Int8LinearKernel]") -> "Int8LinearKernel":
         """One kernel whose output is the outputs of ``kernels`` side by side (in order). They
         must read the same input with the same activation quantizer (same codes) and write the
-        same dtype; each output column is computed exactly as before (integer accumulation, the
-        same per-column scale and bias), so the fused result equals the separate ones."""
+        same dtype; each output column is computed as before (the same integer accumulation,
+        per-column scale and bias), so the fused result equals the separate ones up to the
+        rounding of oneDNN's float epilogue (bit-identical on Zen 4, within an ulp on AMX)."""
         first = kernels[0]
         if not cls.can_concat(kernels):
             raise FormatError("only Linear kernels with the same input quantizer, width and output dtype can be fused")
