@@ -189,6 +189,7 @@ def test_quantize_u8_rounds_half_to_even_before_the_zero_point():
 
 def test_quantize_u8_compiled_equals_eager(monkeypatch):
     monkeypatch.setenv("LOWBIT_COMPILE_QUANT", "1")  # the fallback flips it to 0; monkeypatch restores
+    monkeypatch.setattr("lowbit._compiled.MIN_COMPILED_ELEMENTS", 0)  # these small inputs too
     g = torch.Generator().manual_seed(5)
     x = torch.randn(3, 7, 5, 4, generator=g) * 8
     flat = x.view(-1)
