@@ -11,6 +11,27 @@ TINY_UNET = dict(
 )
 
 
+# fp and weight-only recipes run bf16 layers on CPUs whose oneDNN has bf16 kernels; on AVX2-only
+# CPUs those layers stay emulated (test_select.py::test_without_cpu_bf16_...), so tests of the
+# bf16 path itself skip there
+BF16_RECIPES = ("w4a16", "fp8", "w4a8-fp")
+
+
+def _cpu_bf16() -> bool:
+    from lowbit.kernels.bf16 import cpu_bf16_available
+
+    return cpu_bf16_available()
+
+
+needs_cpu_bf16 = pytest.mark.skipif(not _cpu_bf16(), reason="this CPU's oneDNN has no bf16 kernels (AVX2 only)")
+
+
+def bf16_params(recipes) -> list:
+    """``recipes`` for ``parametrize``, those that need CPU bf16 kernels marked to skip without them."""
+    return [pytest.param(*r, marks=needs_cpu_bf16) if isinstance(r, tuple) and r[0] in BF16_RECIPES else
+            pytest.param(r, marks=needs_cpu_bf16) if r in BF16_RECIPES else r for r in recipes]
+
+
 def make_unet(seed: int = 0, device: str | None = None) -> UNet2DModel:
     if device == "meta":
         with torch.device("meta"):

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lowbit.formats import KNOWN_FORMATS, parse
-from lowbit.kernels.bf16 import Bf16Kernel, exact_in_bf16
+from lowbit.kernels.bf16 import Bf16Kernel, cpu_bf16_available, exact_in_bf16
 from lowbit.nn import QuantConv2d, QuantLinear
 from lowbit.plan import LayerSpec
 
@@ -203,6 +203,19 @@ def test_bf16_activation_values_of_every_bf16_number(name, compiled, monkeypatch
         assert torch.equal(inside.float().nan_to_num(7.0), got.float().nan_to_num(7.0))
 
 
+def test_without_cpu_bf16_the_convolution_is_plain_pytorch(monkeypatch):
+    """Where oneDNN has no bf16 kernels (AVX2-only CPUs) its weight reorder refuses: a directly
+    built conv kernel then runs PyTorch's own bf16 convolution, with the same result."""
+    monkeypatch.setattr("lowbit.kernels.bf16.cpu_bf16_available", lambda: False)
+    g = torch.Generator().manual_seed(4)
+    vals = torch.randint(-8, 8, (8, 4, 3, 3), generator=g).float()
+    kern = Bf16Kernel(vals, torch.full((8,), 0.01), None, None, ((1, 1), (1, 1), (1, 1), 1))
+    assert kern.kid is None
+    x = torch.randn(2, 4, 6, 6, generator=g).bfloat16()
+    ref = F.conv2d(x.float(), kern.w.float(), None, 1, 1)
+    assert torch.allclose(kern(x).float(), ref, rtol=2 ** -7, atol=float(ref.abs().max()) * 2 ** -8)
+
+
 def test_activation_parameters_live_on_the_weights_device():
     """The activation scale tensor goes where the layer is (a CPU tensor cannot be combined with
     a CUDA activation); checked with the meta device, which every machine has."""
@@ -213,7 +226,7 @@ def test_activation_parameters_live_on_the_weights_device():
     assert cpu.act.params.device.type == "cpu"
 
 
-@pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="no oneDNN in this PyTorch build")
+@pytest.mark.skipif(not cpu_bf16_available(), reason="this CPU's oneDNN has no bf16 kernels (AVX2 only)")
 def test_packed_conv_weight_equals_the_plain_bf16_convolution():
     """On CPU the convolution runs oneDNN's bf16 primitive on a weight packed for each new input
     shape; it computes the plain bf16 ``conv2d`` of the same operands (within bf16 output

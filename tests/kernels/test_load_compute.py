@@ -5,7 +5,7 @@ import functools
 
 import pytest
 import torch
-from conftest import make_unet, unet_inputs
+from conftest import bf16_params, make_unet, needs_cpu_bf16, unet_inputs
 
 import lowbit
 from lowbit import load, save
@@ -56,7 +56,7 @@ def weight_layers(model) -> dict[str, QuantWeightLayer]:
     return {n: m for n, m in model.named_modules() if isinstance(m, QuantWeightLayer)}
 
 
-@pytest.mark.parametrize("recipe", ["w8a8", "w4a8", "fp8"])
+@pytest.mark.parametrize("recipe", bf16_params(["w8a8", "w4a8", "fp8"]))
 def test_default_load_runs_native_kernels_without_codes(checkpoints, recipe):
     path = checkpoints(recipe)
     emulated = load(path, make_unet(device="meta"), compute="emulated")
@@ -108,6 +108,7 @@ def test_native_load_cannot_be_saved(checkpoints, tmp_path, recipe):
     assert torch.equal(run(again), run(emulated))
 
 
+@needs_cpu_bf16
 def test_forced_paths_on_load(checkpoints):
     path = checkpoints("w8a8")
     ref = run(load(path, make_unet(device="meta"), compute="emulated"))

@@ -329,8 +329,8 @@ def test_repacking_for_new_shapes_keeps_the_weights_exact():
         xl = torch.randn(n * h, 32, generator=g)
         assert torch.equal(lin(xl), Int8LinearKernel(wl, ws[:48], None, fmt, s_x, z_x)(xl))
         assert lin.packed_for == (n * h, 32)
-    assert torch.equal(conv.packed.to_dense(), w)
-    assert torch.equal(lin.packed.to_dense().t(), wl)
+    assert torch.equal(conv.weight_int8(), w)
+    assert torch.equal(lin.weight_int8(), wl)
 
 
 def test_kernel_owns_its_weights_before_the_first_call():

@@ -4,6 +4,7 @@ never picked by "auto" without an FP8 GPU."""
 
 import pytest
 import torch
+from conftest import needs_cpu_bf16
 from torch import nn
 
 import lowbit
@@ -96,6 +97,7 @@ def _layer_io(net, x):
     return out, seen
 
 
+@needs_cpu_bf16
 def test_forced_fp8_runs_linears_on_scaled_mm_and_matches_the_emulated_layers():
     net = _fp8_mlp()
     x = torch.randn(16, 32)

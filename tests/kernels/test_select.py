@@ -6,7 +6,7 @@ import functools
 
 import pytest
 import torch
-from conftest import make_unet, unet_inputs
+from conftest import bf16_params, make_unet, needs_cpu_bf16, unet_inputs
 from torch import nn
 
 import lowbit
@@ -127,7 +127,7 @@ def _float_output() -> torch.Tensor:
     return run(make_unet())
 
 
-@pytest.mark.parametrize("recipe", list(lowbit.RECIPES))
+@pytest.mark.parametrize("recipe", bf16_params(lowbit.RECIPES))
 def test_auto_paths_and_accuracy(recipe):
     model = quantized(recipe)
     emulated = run(model)
@@ -176,6 +176,7 @@ def test_int8_path_forced_keeps_small_layers_emulated(recipe):
     assert sqnr_db(emulated, run(model)) > E2E_SQNR_DB[recipe]
 
 
+@needs_cpu_bf16
 def test_bf16_forced_on_int_and_int8_forced_on_fp():
     model = quantized("w8a8")
     emulated = run(model)
@@ -255,7 +256,7 @@ def _conv_net() -> nn.Sequential:
 _CONV_X = torch.randn(2, 8, 10, 10, generator=torch.Generator().manual_seed(1))
 
 
-@pytest.mark.parametrize("recipe", ["w8a8", "w4a4", "fp8", "w4a16"])
+@pytest.mark.parametrize("recipe", bf16_params(["w8a8", "w4a4", "fp8", "w4a16"]))
 def test_padding_modes_strides_and_groups(recipe):
     """reflect/replicate/circular padding (padded before the kernel), stride 2, groups, depthwise."""
     model = lowbit.quantize(_conv_net(), recipe, [_CONV_X], progress=False)
@@ -281,7 +282,7 @@ def test_padding_modes_strides_and_groups(recipe):
     assert sqnr_db(emulated, native) > floor
 
 
-@pytest.mark.parametrize("recipe", ["w8a8", "fp8", "w4a16"])
+@pytest.mark.parametrize("recipe", bf16_params(["w8a8", "fp8", "w4a16"]))
 def test_string_padding_same_and_valid_run_natively(recipe):
     """padding="same" with an odd kernel pads symmetrically and padding="valid" not at all: both
     run natively and compute what the emulated layers do."""
@@ -312,7 +313,7 @@ def test_string_padding_same_and_valid_run_natively(recipe):
     assert sqnr_db(emulated, native) > floor
 
 
-@pytest.mark.parametrize("recipe", ["w8a8", "fp8"])
+@pytest.mark.parametrize("recipe", bf16_params(["w8a8", "fp8"]))
 def test_asymmetric_same_padding_stays_emulated(recipe):
     """padding="same" with an even effective kernel pads one more row/column at the end than at
     the start, which the kernels' symmetric padding cannot express: such a conv stays emulated on
@@ -409,7 +410,7 @@ def test_emulated_on_released_codes_refuses_or_keeps_the_model_running():
 
 # measured SQNR(bf16 model vs float32 emulated): w8a8 31.3, fp8 21.4, w4a16 39.0 dB (the bf16
 # rounding of the activations between the layers dominates, even for the int8 model)
-@pytest.mark.parametrize("recipe,floor", [("w8a8", 27.0), ("fp8", 18.0), ("w4a16", 35.0)])
+@pytest.mark.parametrize("recipe,floor", bf16_params([("w8a8", 27.0), ("fp8", 18.0), ("w4a16", 35.0)]))
 def test_bf16_model_dtype(recipe, floor):
     """dtype=torch.bfloat16: kernels write bf16 and the float layers between them run in bf16."""
     model = quantized(recipe)
@@ -432,3 +433,20 @@ def test_bf16_model_dtype(recipe, floor):
 def test_bad_compute_dtype_is_refused():
     with pytest.raises(PlanError, match="dtype"):
         set_compute(quantized("w8a8"), "auto", dtype=torch.float16)
+
+
+def test_without_cpu_bf16_fp_layers_stay_emulated(monkeypatch):
+    """On a CPU whose oneDNN has no bf16 kernels (AVX2 only) PyTorch's bf16 convolution is 60×
+    slower than fp32: fp layers stay emulated under "auto" and a forced "bf16" alike."""
+    monkeypatch.setattr("lowbit.kernels.select.cpu_bf16_available", lambda: False)
+    fp = quantized("fp8")
+    before = run(fp)
+    assert set(set_compute(fp, "auto").values()) == {"emulated"}
+    assert set(set_compute(fp, "bf16").values()) == {"emulated"}
+    assert torch.equal(run(fp), before)
+
+
+def test_bf16_activations_warn_on_a_cpu_without_bf16_kernels(monkeypatch):
+    monkeypatch.setattr("lowbit.kernels.select.cpu_bf16_available", lambda: False)
+    with pytest.warns(UserWarning, match="no bf16 kernels.*dtype=torch.float32"):
+        set_compute(quantized("w8a8"), "auto", dtype=torch.bfloat16)

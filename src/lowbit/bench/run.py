@@ -178,6 +178,23 @@ def _large_table(res: dict) -> list[str]:
     return out + [""]
 
 
+def cpu_kernel_note() -> str:
+    """What this CPU's oneDNN computes natively: int8 exactly or with split weights, bf16 or not."""
+    from ..kernels import onednn, vnni
+    from ..kernels.bf16 import cpu_bf16_available
+
+    if not onednn.available():
+        int8 = "no exact oneDNN int8 here: int recipes do not run int8"
+    elif vnni.pair_limit() is None:
+        int8 = "oneDNN int8 is exact here (VNNI/AMX)"
+    else:
+        int8 = ("this CPU has no VNNI: layers with 8-bit weights run oneDNN int8 on split weights (exact, twice the"
+                " integer work; lowbit.kernels.vnni), 4-bit weights run directly")
+    bf16 = ("oneDNN has bf16 kernels" if cpu_bf16_available() else
+            "oneDNN has no bf16 kernels here, so bf16 rows run PyTorch's slow reference path and FP8 layers stay emulated")
+    return f"CPU kernels: {int8}; {bf16}."
+
+
 def markdown(results: list[dict], command: str, threads: int) -> str:
     """The report: one table per model, ratios to FP32 eager from the same run."""
     cpu = cpu_name()
@@ -191,7 +208,7 @@ def markdown(results: list[dict], command: str, threads: int) -> str:
            " variant (loading, then sampling one batch for 2 steps); the 'above baseline' columns subtract the"
            " RSS of the interpreter with torch and diffusers imported, which every variant pays. 'While"
            " sampling' is the peak after loading (the high-water mark reset once the model is loaded): what"
-           " the loaded model needs to run, without the transient peak of building it.", ""]
+           " the loaded model needs to run, without the transient peak of building it.", "", cpu_kernel_note(), ""]
     for res in results:
         out += [f"## {res['model']}: {res['description']}", "",
                 f"Batch {res['batch']}, DDIM {res['steps']} steps, {res['repeats']} timed repeats.", "",

@@ -34,6 +34,7 @@ from .._chunked import quantize_chunked
 from .._platform import trim_heap
 from .._compiled import disable_compiled_helpers, input_key, run_compiled, use_compiled_helpers
 from ..errors import FormatError
+from . import vnni
 
 __all__ = ["Int8Conv2dKernel", "Int8LinearKernel", "available", "disable_compiled_helpers", "quantize_u8",
            "use_compiled_helpers", "input_key"]
@@ -81,13 +82,16 @@ def run_op(codes: torch.Tensor, kid: int, nhwc: bool) -> torch.Tensor:
 
 @functools.lru_cache(maxsize=1)
 def available() -> bool:
-    """True if this PyTorch build has oneDNN's int8 conv/linear operators and the CPU runs them."""
+    """True if this PyTorch build has oneDNN's int8 conv/linear operators and the CPU runs them
+    exactly (directly, or with split weights where it lacks VNNI: :mod:`.vnni`)."""
     try:
         ops = torch.ops.onednn
         _ = (ops.qconv2d_pointwise, ops.qconv_prepack, ops.qlinear_pointwise, ops.qlinear_prepack)
     except (AttributeError, RuntimeError):
         return False
-    return torch.backends.mkldnn.is_available() and torch.backends.cpu.get_cpu_capability() != "DEFAULT"
+    if not torch.backends.mkldnn.is_available() or torch.backends.cpu.get_cpu_capability() == "DEFAULT":
+        return False
+    return vnni.pair_limit() != 0
 
 
 def conv_output_like(x: torch.Tensor, out_channels: int, kernel_size: tuple, args: tuple, dtype: torch.dtype,
@@ -168,6 +172,7 @@ class _ActCodes:
         self.lo = float(fmt.min_value - zero)
         self.hi = float(fmt.max_value - zero)
         self.zero = int(zero) + offset  # codes = round(clamp(...)) + zero lie in [min, max] + offset ⊂ [0, 255]
+        self.max_code = int(self.hi) + self.zero
         self.params = torch.tensor([self.inv_scale, self.lo, self.hi, self.zero], dtype=torch.float32)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
@@ -201,7 +206,7 @@ class Int8Conv2dKernel:
     ``act_fmt``/``act_scale``/``act_zero`` the input quantizer. Zero padding only (the layer pads
     other modes itself)."""
 
-    path = "native int8 (oneDNN)"
+    path = "native int8 (oneDNN)"  # split weights (.split, lowbit.kernels.vnni) are the same path
 
     def __init__(self, w_int8: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None,
                  act_fmt, act_scale: float, act_zero: float, stride, padding, dilation, groups: int,
@@ -213,6 +218,7 @@ class Int8Conv2dKernel:
         self.args = (list(stride), list(padding), list(dilation), int(groups))
         self.w_zero = torch.zeros(w_int8.shape[0], dtype=torch.int64)
         self.out_channels, self.kernel_size = w_int8.shape[0], tuple(w_int8.shape[2:])
+        self.split = vnni.needs_split(w_int8, self.act.max_code)  # no VNNI: exact only as two halves
         # packed on the first call, for its input shape (see repack_for); until then the int8
         # values are the only copy. Packing once at load and again per shape left the first
         # weight's freed pages resident (SD-like W4A8 sampling peak: see docs/performance.md).
@@ -223,6 +229,14 @@ class Int8Conv2dKernel:
         return torch.ops.onednn.qconv_prepack(w_int8, self.w_scale, self.act.scale, self.act.zero, *self.args,
                                               x_shape)
 
+    def weight_int8(self) -> torch.Tensor:
+        """The integer weight values ``[O, I/groups, kh, kw]`` (before the first call the kernel's
+        own tensor, after it a copy out of the packed weight)."""
+        if self.packed_for is None:
+            return self.packed
+        w = self.packed.to_dense()
+        return vnni.unsplit_weight(w) if self.split else w
+
     def repack_for(self, shape: tuple) -> None:
         """Re-lay the packed weight for inputs of ``shape``. oneDNN's convolution picks its weight
         blocking from the whole problem (batch and spatial size too); a weight packed for another
@@ -231,8 +245,14 @@ class Int8Conv2dKernel:
         shape repacks (from the packed weight itself, which is the only copy once a model's codes
         are released: ``to_dense`` gives back the exact int8 values)."""
         if self.packed_for != shape:
-            w_int8 = self.packed if self.packed_for is None else self.packed.to_dense()
-            self.packed, self.packed_for = self._prepack(w_int8, list(shape)), shape
+            if self.packed_for is not None:
+                w_int8 = self.packed.to_dense()  # already split where the kernel splits
+            else:
+                w_int8 = vnni.split_weight(self.packed) if self.split else self.packed
+            x_shape = list(shape)
+            if self.split:
+                x_shape[1] *= 2
+            self.packed, self.packed_for = self._prepack(w_int8, x_shape), shape
             del w_int8
             trim_heap()  # the old weight is freed: give its pages back (W4A8 SD-like: 192 -> 180 MB)
 
@@ -241,6 +261,8 @@ class Int8Conv2dKernel:
         is 4× cheaper than converting the float input). Output NCHW unless ``nhwc``."""
         self.repack_for(tuple(codes.shape))
         q = codes.contiguous(memory_format=torch.channels_last)
+        if self.split:
+            q = vnni.duplicate_channels(q, self.args[3])
         y = torch.ops.onednn.qconv2d_pointwise(q, self.act.scale, self.act.zero, self.packed, self.w_scale,
                                                 self.w_zero, self.bias, *self.args, 1.0, 0, self.out_dtype,
                                                 "none", _NO_POSTOP, "")
@@ -263,7 +285,7 @@ class Int8Conv2dKernel:
 class Int8LinearKernel:
     """W8A8 ``linear`` on oneDNN (``w_int8`` ``[N, K]`` integer values, ``w_scale`` ``[N]``)."""
 
-    path = "native int8 (oneDNN)"
+    path = "native int8 (oneDNN)"  # split weights (.split, lowbit.kernels.vnni) are the same path
 
     def __init__(self, w_int8: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None,
                  act_fmt, act_scale: float, act_zero: float, out_dtype: torch.dtype = torch.float32) -> None:
@@ -275,6 +297,7 @@ class Int8LinearKernel:
         self.w_zero = torch.zeros(self.out_features, dtype=torch.int64)
         # [N, K], the layout qlinear_prepack takes: the first call packs it without another copy
         self.packed, self.packed_for = w_int8.clone(memory_format=torch.contiguous_format), None
+        self.split = vnni.needs_split(w_int8, self.act.max_code)
         self.kid = register(self)
 
     @classmethod
@@ -301,6 +324,7 @@ class Int8LinearKernel:
         for k in kernels:
             fused.packed[start:start + k.out_features] = k.weight_int8()
             start += k.out_features
+        fused.split = vnni.needs_split(fused.packed, fused.act.max_code)
         fused.packed_for, fused.kid = None, register(fused)
         return fused
 
@@ -315,21 +339,28 @@ class Int8LinearKernel:
     def weight_int8(self) -> torch.Tensor:
         """The integer weight values ``[N, K]``: before the first call the kernel's own tensor
         (read it, do not modify it), after it a copy out of the packed weight."""
-        return self.packed if self.packed_for is None else self.packed.to_dense().t().contiguous()
+        if self.packed_for is None:
+            return self.packed
+        w = self.packed.to_dense().t().contiguous()
+        return vnni.unsplit_weight(w) if self.split else w
 
     def repack_for(self, shape: tuple) -> None:
         """Re-lay the packed weight for ``[M, K]`` inputs of ``shape`` (as the convolution does:
         a matmul packed for its real M measured 8–16 % faster); oneDNN holds the packed weight as ``[K, N]``."""
         if self.packed_for != shape:
             w_int8 = self.weight_int8()
-            self.packed, self.packed_for = torch.ops.onednn.qlinear_prepack(w_int8, list(shape)), shape
+            x_shape = list(shape)
+            if self.split:
+                w_int8, x_shape[1] = vnni.split_weight(w_int8), 2 * x_shape[1]
+            self.packed, self.packed_for = torch.ops.onednn.qlinear_prepack(w_int8, x_shape), shape
             del w_int8
             trim_heap()
 
     def run(self, codes: torch.Tensor, nhwc: bool = False) -> torch.Tensor:
         """The oneDNN call on 2-D uint8 codes ``[M, K]`` (``nhwc`` does not apply)."""
         self.repack_for(tuple(codes.shape))
-        return torch.ops.onednn.qlinear_pointwise(codes.contiguous(), self.act.scale, self.act.zero, self.packed,
+        q = vnni.duplicate_columns(codes) if self.split else codes.contiguous()
+        return torch.ops.onednn.qlinear_pointwise(q, self.act.scale, self.act.zero, self.packed,
                                                    self.w_scale, self.w_zero, self.bias, 1.0, 0, self.out_dtype,
                                                    "none", _NO_POSTOP, "")
 

@@ -5,12 +5,15 @@ A quantized layer can run four ways; its report row says which one it runs:
 ``native int8``  integer GEMM/convolution: oneDNN on CPU (:mod:`.onednn`), ``torch._int_mm`` on
                  CUDA (:mod:`.int_mm` for Linear, :mod:`.int_mm_conv` for ``groups=1`` Conv2d).
                  Needs INT weights of ≤ 8 bits with symmetric tensor/channel scales and a
-                 calibrated per-tensor INT activation quantizer.
+                 calibrated per-tensor INT activation quantizer. On CPUs without VNNI, layers
+                 whose pairs of products could overflow int16 run split weights (:mod:`.vnni`):
+                 exact, twice the integer work (``kernel.split``; benchmarks say so).
 ``native fp8``   FP8 E4M3 × E4M3 Linear on ``torch._scaled_mm`` (:mod:`.scaled_mm`): chosen by
                  ``auto`` on CUDA GPUs with FP8 tensor cores (compute capability ≥ 8.9); ``"fp8"``
                  forces it on any device (on CPU it is slower than bf16, but computes the same).
 ``bf16``         exact unscaled operands in bf16, scales in float32 (:mod:`.bf16`): minifloat
-                 formats (FP8, FP6, FP4) and weight-only layers, and grouped INT convolutions on CUDA.
+                 formats (FP8, FP6, FP4) and weight-only layers, and grouped INT convolutions on CUDA;
+                 on CPU only where oneDNN has bf16 kernels (not on AVX2-only CPUs).
 ``emulated``     dequantize, then float32 (:mod:`lowbit.nn`): everything else — group-wise scales,
                  formats with more than 8 significant bits, and tiny layers.
 
@@ -22,12 +25,14 @@ it cannot run stay emulated, and say so). Kernels snapshot the layer's codes and
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 from torch import nn
 
 from ..errors import PlanError
 from . import onednn
-from .bf16 import Bf16Kernel, exact_in_bf16
+from .bf16 import Bf16Kernel, cpu_bf16_available, exact_in_bf16
 from .fuse import fuse_attention_projections, unfuse_attention_projections
 from .groupnorm import use_nhwc_group_norm
 from .int_mm import IntMMLinearKernel
@@ -82,8 +87,10 @@ def _fp8_ok(layer, device: torch.device, forced: bool) -> bool:
     return forced or fp8_available(device)
 
 
-def _bf16_ok(layer) -> bool:
+def _bf16_ok(layer, device: torch.device) -> bool:
     wq, aq = layer.weight_quant, layer.input_quant
+    if device.type == "cpu" and not cpu_bf16_available():
+        return False  # no bf16 kernels in oneDNN here: PyTorch's fallback is 60x slower than fp32
     if not (_weight_ok(layer) and exact_in_bf16(wq.fmt)):
         return False
     return not aq.enabled or (aq.granularity.kind == "tensor" and exact_in_bf16(aq.fmt) and bool(aq.calibrated))
@@ -102,7 +109,7 @@ def choose_path(layer, requested: str = "auto", device: "torch.device | None" = 
         return "int8"
     if requested in ("auto", "fp8") and _fp8_ok(layer, device, forced=requested == "fp8"):
         return "fp8"
-    if requested in ("auto", "bf16") and _bf16_ok(layer):
+    if requested in ("auto", "bf16") and _bf16_ok(layer, device):
         return "bf16"
     return "emulated"
 
@@ -224,6 +231,10 @@ def finish_compute(model: nn.Module, dtype: torch.dtype) -> None:
 
     if dtype != torch.float32:
         _cast_float_tensors(model, dtype)
+        on_cpu = any(m.weight_quant.scale.device.type == "cpu" for m in model.modules() if isinstance(m, QuantWeightLayer))
+        if on_cpu and not cpu_bf16_available():
+            warnings.warn("this CPU's oneDNN has no bf16 kernels (AVX2 only): bf16 activations run PyTorch's reference"
+                          " path, many times slower than float32; use dtype=torch.float32 here", stacklevel=3)
     cpu_native = any(m.kernel is not None and m.weight_quant.scale.device.type == "cpu"
                      for m in model.modules() if isinstance(m, QuantWeightLayer))
     use_nhwc_group_norm(model, cpu_native)
