@@ -8,7 +8,7 @@ import platform
 from typing import Callable
 from pathlib import Path
 
-__all__ = ["cpu_name", "resolve_device", "trim_heap"]
+__all__ = ["cpu_features", "cpu_name", "resolve_device", "trim_heap"]
 
 _MALLOC_TRIM = None
 
@@ -22,6 +22,37 @@ def cpu_name() -> str:
     except OSError:
         pass
     return platform.processor() or platform.machine()
+
+
+# The flags that decide which CPU kernels are fast or exact (lowbit.kernels.vnni, .bf16), in the
+# order they are printed. A VM often reports only "AMD EPYC" as the model name, and the same name
+# covered Zen 3 (no VNNI), Zen 4 and Zen 5 machines in this project's runs.
+_ISA_FLAGS = (("avx2", "AVX2"), ("avx512f", "AVX-512"), ("avx512_vnni", "VNNI"), ("avx_vnni", "AVX-VNNI"),
+              ("avx512_bf16", "AVX-512 BF16"), ("amx_int8", "AMX-INT8"), ("amx_bf16", "AMX-BF16"))
+
+
+def cpu_features(cpuinfo: str | None = None) -> str:
+    """The CPU's x86 family/model and the instruction sets lowbit's kernels depend on, e.g.
+    ``"x86 family 26 model 2: AVX2, AVX-512, VNNI, AVX-512 BF16"``; ``""`` where /proc/cpuinfo is
+    missing (not Linux) or lists none of them. ``cpuinfo`` (for tests): that file's text."""
+    if cpuinfo is None:
+        try:
+            cpuinfo = Path("/proc/cpuinfo").read_text()
+        except OSError:
+            return ""
+    fields: dict[str, str] = {}
+    for line in cpuinfo.splitlines():  # the first processor's block is enough
+        if not line.strip():
+            if fields:
+                break
+            continue
+        key, _, value = line.partition(":")
+        fields.setdefault(key.strip(), value.strip())
+    flags = set(fields.get("flags", "").split())
+    isa = ", ".join(name for flag, name in _ISA_FLAGS if flag in flags)
+    where = (f"x86 family {fields['cpu family']} model {fields['model']}"
+             if "cpu family" in fields and "model" in fields else "")
+    return ": ".join(p for p in (where, isa) if p)
 
 
 def trim_heap() -> None:
