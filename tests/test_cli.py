@@ -71,6 +71,11 @@ def test_evaluate_runs_checkpoints_on_the_requested_compute_path(tmp_path, capsy
     assert main(argv + ["--compute", "emulated"]) == 0
     out = capsys.readouterr().out
     assert "| q (emulated) |" in out and "| fp32 |" in out
+    assert main(argv + ["--dtype", "bfloat16"]) == 0  # the checkpoint in bf16 (where the CPU lacks bf16: slow, exact)
+    assert "| q (bf16) |" in capsys.readouterr().out
+    assert main(argv + ["--compute", "emulated", "--dtype", "bfloat16"]) == 2
+    err = capsys.readouterr().err
+    assert "--dtype bfloat16 applies to native kernels only" in err and err.count("\n") == 1
     with pytest.raises(SystemExit) as e:  # argparse's own one-line error for an unknown choice
         main(argv + ["--compute", "fast"])
     assert e.value.code == 2 and "invalid choice: 'fast'" in capsys.readouterr().err

@@ -95,14 +95,28 @@ def _cmd_demo(args: argparse.Namespace) -> None:
     run_demo(args.out, tuple(args.recipes), args.protocol, args.samples, args.steps, progress=not args.quiet)
 
 
-def _bundled_with(checkpoint: str | None, compute: str = "auto") -> torch.nn.Module:
+def _bundled_with(checkpoint: str | None, compute: str = "auto", dtype: str = "float32",
+                  compile: bool = False) -> torch.nn.Module:
+    """The bundled UNet (or a checkpoint of it) ready for the samplers: in ``dtype`` between the
+    quantized layers and, with ``compile``, under torch.compile (:mod:`lowbit.evaluate.runner`)."""
+    from .evaluate.runner import DTYPES, sampling_model
     from .zoo.fmnist_unet import build_fmnist_unet, load_fmnist_unet
 
+    if dtype != "float32" and compute == "emulated":
+        raise EvaluationError("--dtype bfloat16 applies to native kernels only; drop it or use --compute auto")
     if checkpoint is None:
-        return load_fmnist_unet()
-    with torch.device("meta"):
-        fresh = build_fmnist_unet()
-    return load(checkpoint, fresh, compute=compute)
+        model = load_fmnist_unet().to(DTYPES[dtype])
+    else:
+        with torch.device("meta"):
+            fresh = build_fmnist_unet()
+        model = load(checkpoint, fresh, compute=compute, dtype=DTYPES[dtype])
+    return sampling_model(model, dtype, compile)
+
+
+def _fast_suffix(args: argparse.Namespace) -> str:
+    parts = ([] if args.compute == "auto" else [args.compute]) + (["bf16"] if args.dtype == "bfloat16" else []) \
+        + (["compiled"] if args.compile else [])
+    return f" ({', '.join(parts)})" if parts else ""
 
 
 def _cmd_evaluate(args: argparse.Namespace) -> None:
@@ -122,8 +136,8 @@ def _cmd_evaluate(args: argparse.Namespace) -> None:
     models = {"fp32": _bundled_with(None)}
     sizes = {}
     for ck in args.checkpoints:
-        name = Path(ck).stem + ("" if args.compute == "auto" else f" ({args.compute})")
-        models[name] = _bundled_with(ck, args.compute)
+        name = Path(ck).stem + _fast_suffix(args)
+        models[name] = _bundled_with(ck, args.compute, args.dtype, args.compile)
         sizes[name] = Path(ck).stat().st_size
     results = evaluate(models, FMNIST_SCHEDULER_CONFIG, proto, sizes=sizes, progress=not args.quiet,
                        save_features=args.out if args.save_features else None)
@@ -166,11 +180,20 @@ def _cmd_sample(args: argparse.Namespace) -> None:
     from .evaluate.sampling import sample
     from .zoo.fmnist_unet import FMNIST_SCHEDULER_CONFIG
 
-    model = _bundled_with(args.checkpoint)
+    model = _bundled_with(args.checkpoint, dtype=args.dtype, compile=args.compile)
     imgs = sample(model, FMNIST_SCHEDULER_CONFIG, n=args.n, seed=args.seed, sampler=args.sampler, steps=args.steps,
                   progress=not args.quiet)
     rows = {f"seed {args.seed} [{i}:{i + args.per_row}]": imgs[i:i + args.per_row] for i in range(0, args.n, args.per_row)}
     print(f"wrote {save_grid(rows, args.out)}")
+
+
+def _fast_options(s: argparse.ArgumentParser, what: str) -> None:
+    s.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
+                   help=f"activations between the quantized layers of {what} (bfloat16: faster where the CPU"
+                        " has bf16 kernels; default float32, whose numerics equal the simulated model's)")
+    s.add_argument("--compile", action="store_true",
+                   help=f"run {what} under torch.compile (the first batch compiles: tens of seconds; needs a C++"
+                        " compiler, else a warning and eager sampling)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -214,6 +237,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--compute", default="auto", choices=list(PATHS),
                    help="compute path of the checkpoints (default auto: native kernels; emulated: the simulated"
                         " model bit for bit)")
+    _fast_options(s, "the checkpoints (the FP32 reference always runs float32, eager)")
     s.add_argument("--save-features", action="store_true",
                    help="also write the FP model's sample features per seed into --out (for --seed-spread)")
     s.add_argument("--seed-spread", nargs="+", metavar="FEATURES",
@@ -229,6 +253,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--sampler", default="ddim", choices=["ddim", "dpm"])
     s.add_argument("--out", default="runs/samples.png")
     s.add_argument("--quiet", action="store_true")
+    _fast_options(s, "the model")
     s.set_defaults(fn=_cmd_sample)
     s = sub.add_parser("bench", help="sampling speed, memory and accuracy of FP32/BF16, lowbit recipes and peers")
     s.add_argument("--models", nargs="+", default=["bundled", "sdlike"], choices=["bundled", "sdlike"])

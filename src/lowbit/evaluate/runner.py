@@ -1,0 +1,68 @@
+"""A loaded UNet wrapped for sampling the fast way: bf16 activations and/or ``torch.compile``.
+
+``lowbit bench`` measures its fastest CPU configuration as a checkpoint loaded with
+``dtype=torch.bfloat16`` (bf16 between the quantized layers) and the whole UNet under
+``torch.compile`` (docs/performance*.md). :func:`sampling_model` gives that configuration the
+``model(x, t)`` interface the samplers call — float32 in, float32 noise prediction out — so that
+``lowbit evaluate`` and ``lowbit sample`` can score and draw exactly what the benchmark times.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+from torch import nn
+
+from ..errors import EvaluationError
+
+__all__ = ["DTYPES", "sampling_model"]
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+class _SamplingModel(nn.Module):
+    def __init__(self, model: nn.Module, dtype: torch.dtype, compile: bool) -> None:
+        super().__init__()
+        self.model, self.dtype = model, dtype
+        # dynamic=False: the sampler's batches have one size (the last may be smaller: one more
+        # compilation), and static shapes are what the benchmark measured
+        self._fn = torch.compile(model, dynamic=False) if compile else model
+        self.compiled = compile
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        # t.clone(): the sampler's t is a view into the scheduler's timestep table at a new
+        # storage offset each step, and a compiled model would recompile for every offset
+        args = (x.to(self.dtype), t.clone())
+        if self.compiled:
+            try:
+                with warnings.catch_warnings():
+                    # dynamo notes every lru_cache it traces through in diffusers (is_torch_version): noise
+                    warnings.filterwarnings("ignore", message=".*functools.lru_cache", category=UserWarning)
+                    out = self._fn(*args)
+            except Exception as e:  # no C++ compiler, an op inductor cannot lower: eager is exact too
+                warnings.warn(f"torch.compile failed ({type(e).__name__}: {str(e).splitlines()[0][:160]}); "
+                              "sampling eagerly instead", stacklevel=2)
+                self._fn, self.compiled = self.model, False
+                out = self.model(*args)
+        else:
+            out = self._fn(*args)
+        out = out.sample if hasattr(out, "sample") else out
+        return out.float()
+
+
+def sampling_model(model: nn.Module, dtype: "str | torch.dtype" = torch.float32, compile: bool = False) -> nn.Module:
+    """``model`` behind the samplers' interface, run in ``dtype`` ("float32"/"bfloat16" or the
+    torch dtype) and, with ``compile=True``, under ``torch.compile`` (compiled on the first batch;
+    if compilation fails, a warning and eager sampling). ``model`` must already hold its float
+    weights in ``dtype``: a checkpoint loaded with ``lowbit.load(..., dtype=...)``, or a float
+    model moved with ``.to(dtype)``. Returns ``model`` itself when there is nothing to change."""
+    if isinstance(dtype, str):
+        if dtype not in DTYPES:
+            raise EvaluationError(f"unknown activation dtype {dtype!r}: use {' or '.join(DTYPES)}")
+        dtype = DTYPES[dtype]
+    if dtype not in DTYPES.values():
+        raise EvaluationError(f"unsupported activation dtype {dtype}: use torch.float32 or torch.bfloat16")
+    if dtype == torch.float32 and not compile:
+        return model
+    return _SamplingModel(model, dtype, compile).eval()

@@ -1,0 +1,65 @@
+"""lowbit.evaluate.runner: the samplers' view of a model run in bf16 and/or under torch.compile."""
+
+import warnings
+
+import pytest
+import torch
+
+from conftest import make_unet
+from lowbit.errors import EvaluationError
+from lowbit.evaluate.runner import sampling_model
+
+
+def _inputs():
+    g = torch.Generator().manual_seed(0)
+    # t as the sampler passes it: a view into a timestep table, at a non-zero storage offset
+    return torch.randn(2, 1, 8, 8, generator=g), torch.tensor([999, 500])[1:].expand(2)
+
+
+def test_float32_eager_is_the_model_itself():
+    m = make_unet()
+    assert sampling_model(m) is m and sampling_model(m, "float32", compile=False) is m
+
+
+@pytest.mark.parametrize("dtype, msg", [("float16", "unknown activation dtype 'float16'"),
+                                        (torch.float16, "unsupported activation dtype torch.float16")])
+def test_rejects_other_dtypes(dtype, msg):
+    with pytest.raises(EvaluationError, match=msg):
+        sampling_model(make_unet(), dtype)
+
+
+@torch.no_grad()
+def test_bf16_feeds_bf16_and_returns_float32():
+    m = make_unet().to(torch.bfloat16).eval()
+    x, t = _inputs()
+    y = sampling_model(m, "bfloat16")(x, t)
+    assert y.dtype == torch.float32
+    assert torch.equal(y, m(x.to(torch.bfloat16), t).sample.float())
+
+
+@torch.no_grad()
+def test_compiled_matches_eager():
+    m = make_unet().eval()
+    x, t = _inputs()
+    fast = sampling_model(m, compile=True)
+    y = fast(x, t)
+    ref = m(x, t).sample
+    assert fast.compiled  # it did compile (a C++ compiler is part of the test environment)
+    assert torch.allclose(y, ref, rtol=1e-4, atol=1e-5), (y - ref).abs().max()
+
+
+@torch.no_grad()
+def test_a_compile_failure_warns_and_samples_eagerly(monkeypatch):
+    def broken(*a, **k):
+        raise RuntimeError("no C++ compiler found\nsecond line")
+
+    monkeypatch.setattr(torch, "compile", lambda model, **kw: broken)
+    m = make_unet().eval()
+    x, t = _inputs()
+    fast = sampling_model(m, compile=True)
+    with warnings.catch_warnings(record=True) as w:
+        warnings.simplefilter("always")
+        y = fast(x, t)
+    assert any("torch.compile failed (RuntimeError: no C++ compiler found); sampling eagerly" in str(e.message)
+               for e in w)
+    assert not fast.compiled and torch.equal(y, m(x, t).sample)
