@@ -68,6 +68,8 @@ def test_demo_end_to_end_writes_every_artifact(tmp_path, capsys):
     assert set(res["models"]) == {"fp32", "w8a8"}
     out = capsys.readouterr().out
     assert "| w8a8 |" in out and "FID*" in out
+    hint = f"lowbit evaluate {tmp_path / 'fmnist-unet-w8a8.safetensors'} --dtype bfloat16 --compile"
+    assert hint in out  # the printed command names the checkpoint the demo wrote
 
 
 def test_seed_spread_combines_single_seed_feature_files(tmp_path):

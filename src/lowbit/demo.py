@@ -50,12 +50,13 @@ def run_demo(out_dir: "str | Path" = "runs/demo", recipes: tuple[str, ...] = ("w
           f"{proto.steps} steps, {proto.num_samples} samples, seeds {list(proto.seeds)}", flush=True)
     calib = trajectory_inputs(fp, FMNIST_SCHEDULER_CONFIG, n=calib_samples, steps=proto.steps, progress=progress)
     models: dict[str, torch.nn.Module] = {"fp32": fp}
-    quant_seconds = {}
+    quant_seconds, paths = {}, []
     for r in recipes:
         tq = time.perf_counter()
         models[r], path = quantize_bundled(r, out, calib, progress)
         quant_seconds[r] = time.perf_counter() - tq
         sizes[r] = path.stat().st_size
+        paths.append(str(path))
         print(f"{r}: calibrated on {len(calib)}×{calib_samples} trajectory inputs, saved {path} "
               f"({sizes[r]:,} B, {sizes[r] / sizes['fp32']:.3f}× fp32) in {quant_seconds[r]:.1f} s", flush=True)
     results = evaluate(models, FMNIST_SCHEDULER_CONFIG, proto, sizes=sizes, progress=progress)
@@ -66,4 +67,7 @@ def run_demo(out_dir: "str | Path" = "runs/demo", recipes: tuple[str, ...] = ("w
     print()
     print(markdown_table(results))
     print(f"\nwrote {', '.join(str(p) for p in files.values())}; wall time {results['wall_seconds']:.0f} s")
+    # the demo samples the numerics-equal configuration; point at the faster one it did not run
+    print(f"faster (bf16 between layers, compiled; see README): lowbit evaluate {' '.join(paths)}"
+          " --dtype bfloat16 --compile")
     return results
