@@ -93,3 +93,24 @@ def test_bench_model_runs_end_to_end_and_removes_its_checkpoints(tmp_path, monke
     assert "fp32" in names and "lowbit w8a8" in names and "lowbit w8a8 + compile" in names
     assert all(r["sqnr_db"] is not None for r in out["rows"] if r["name"] != "fp32")
     assert not work.exists()
+
+
+def test_memory_processes_go_to_the_eager_variants_a_user_loads():
+    """The peak-RSS processes (and the bench's progress bar over them) cover FP32, BF16 and the
+    lowbit checkpoints eager, once more at the large latent size except for the float32-activation
+    twin; compiled variants and peers get none, and ``memory=False`` none at all."""
+    from pathlib import Path
+
+    import lowbit.bench.run as run
+    from lowbit.bench.variants import Variant
+
+    ck = Path("w8a8.safetensors")
+    vs = [Variant("fp32", None), Variant("bf16", None), Variant("fp32 + compile", None),
+          Variant("lowbit w8a8 (fp32 act.)", None, checkpoint=ck), Variant("lowbit w8a8", None, checkpoint=ck),
+          Variant("lowbit w8a8 + compile", None, checkpoint=ck), Variant("PT2E X86Inductor int8 + compile", None),
+          Variant("optimum-quanto W8A8", None)]
+    large = run.ModelSpec(None, None, {}, (1, 8, 8), 2, "m", large_size=32)
+    small = run.ModelSpec(None, None, {}, (1, 8, 8), 2, "m")
+    assert [run._memory_runs(v, large, True) for v in vs] == [2, 2, 0, 1, 2, 0, 0, 0]
+    assert [run._memory_runs(v, small, True) for v in vs] == [1, 1, 0, 1, 1, 0, 0, 0]
+    assert all(run._memory_runs(v, large, False) == 0 for v in vs)

@@ -28,6 +28,7 @@ from typing import Callable
 
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
 from ..evaluate.sampling import sample, trajectory_inputs
 from .._platform import cpu_features, cpu_name
@@ -100,9 +101,19 @@ def _sample(v: Variant, spec: ModelSpec, steps: int, seed: int = 0) -> torch.Ten
                   shape=spec.shape, progress=False)
 
 
+def _memory_runs(v: Variant, spec: ModelSpec, memory: bool) -> int:
+    """How many fresh memory-measuring processes variant ``v`` gets: eager variants that a user
+    would load (FP32, BF16, lowbit checkpoints) get one, and one more at the model's large latent
+    size unless they are the float32-activation twin of a recipe; compiled ones and peers none."""
+    if not memory or v.name.endswith("compile") or not (v.name in ("fp32", "bf16") or v.checkpoint):
+        return 0
+    return 2 if spec.large_size and not v.name.endswith("(fp32 act.)") else 1
+
+
 def bench_model(name: str, recipes: tuple[str, ...], peers: tuple[str, ...], steps: int, repeats: int,
-                threads: int, memory: bool, log=print) -> dict:
-    """Benchmark one model; returns a dict of rows for the report."""
+                threads: int, memory: bool, log=print, progress: bool = True) -> dict:
+    """Benchmark one model; returns a dict of rows for the report. ``progress``: tqdm bars over
+    the sampling runs and the memory processes (shown only when stderr is a terminal)."""
     spec = MODELS[name]
     log(f"{name}: {spec.description}; batch {spec.batch}, DDIM {steps} steps")
     fp = spec.load()
@@ -110,30 +121,44 @@ def bench_model(name: str, recipes: tuple[str, ...], peers: tuple[str, ...], ste
     workdir = default_workdir()
     variants = build_variants(spec.load, spec.build, calib, recipes, peers, workdir, log=log)
     images, times, first = {}, {v.name: [] for v in variants}, {}
+    # the whole run is minutes per model (the compiled variants' first runs alone up to a minute each)
+    bar = tqdm(total=len(variants) * (1 + repeats), desc=f"{name}: sampling", unit="run",
+               disable=None if progress else True, leave=False)
     for v in variants:  # untimed first run (compiles where compiled); its images give the SQNR
+        bar.set_postfix_str(f"first run: {v.name}")
         t0 = time.perf_counter()
         images[v.name] = _sample(v, spec, steps)
         first[v.name] = time.perf_counter() - t0
+        bar.update()
     for r in range(repeats):
         for v in variants:
+            bar.set_postfix_str(f"repeat {r + 1}/{repeats}: {v.name}")
             t0 = time.perf_counter()
             _sample(v, spec, steps)
             times[v.name].append(time.perf_counter() - t0)
+            bar.update()
         log(f"  repeat {r + 1}/{repeats} done")
+    bar.close()
     base = statistics.median(times["fp32"])
     rows = []
+    mem_bar = tqdm(total=sum(_memory_runs(v, spec, memory) for v in variants), desc=f"{name}: peak RSS",
+                   unit="process", disable=None if progress else True, leave=False)
     for v in variants:
         med = statistics.median(times[v.name])
         row = dict(name=v.name, seconds=med, images_per_s=spec.batch / med, speedup=base / med,
                    sqnr_db=sqnr_db(images["fp32"], images[v.name]) if v.name != "fp32" else None,
                    checkpoint_bytes=v.checkpoint_bytes, paths=v.paths, build_seconds=v.build_seconds,
                    first_seconds=first[v.name])
-        if memory and not v.name.endswith("compile") and (v.name in ("fp32", "bf16") or v.checkpoint):
+        if _memory_runs(v, spec, memory):
+            mem_bar.set_postfix_str(v.name)
             row["memory"] = measure(name, v.dtype, v.checkpoint, spec.batch, 2, threads)
-        if memory and spec.large_size and "memory" in row and not v.name.endswith("(fp32 act.)"):
+            mem_bar.update()
+        if _memory_runs(v, spec, memory) == 2:
             # batch 1, 1 step: at this size one step already reaches every layer's peak
             row["memory_large"] = measure(name, v.dtype, v.checkpoint, 1, 1, threads, size=spec.large_size)
+            mem_bar.update()
         rows.append(row)
+    mem_bar.close()
     # the checkpoints were only needed by the variants and the memory processes: 160 MB per
     # SD-like run would otherwise pile up in the temp folder (the models keep no file open: load
     # copies what it keeps off the mapping)
@@ -246,8 +271,9 @@ def markdown(results: list[dict], command: str, threads: int) -> str:
 def bench(models: tuple[str, ...] = ("bundled", "sdlike"), recipes: tuple[str, ...] = ("w8a8", "w4a8", "fp8"),
           peers: tuple[str, ...] = ("pt2e", "quanto"), steps: int = 5, repeats: int = 3, threads: int | None = None,
           memory: bool = True, out: "str | Path | None" = "docs/performance.md", command: str = "lowbit bench",
-          log=print) -> list[dict]:
-    """Run the benchmark and write the Markdown report to ``out`` (``None``: don't write)."""
+          log=print, progress: bool = True) -> list[dict]:
+    """Run the benchmark and write the Markdown report to ``out`` (``None``: don't write);
+    ``progress``: tqdm bars while it runs (on a terminal)."""
     threads = threads or torch.get_num_threads()
     torch.set_num_threads(threads)
     # every compiled variant of a model shares the model class's forward code object, and dynamo
@@ -259,7 +285,7 @@ def bench(models: tuple[str, ...] = ("bundled", "sdlike"), recipes: tuple[str, .
 
     results = []
     for m in models:  # the report is rewritten after each model, so a late failure loses nothing
-        results.append(bench_model(m, recipes, peers, steps, repeats, threads, memory, log))
+        results.append(bench_model(m, recipes, peers, steps, repeats, threads, memory, log, progress))
         text = markdown(results, command, threads)
         if out is not None:
             atomic_write(Path(out), text.encode())
