@@ -16,6 +16,8 @@ from typing import Callable
 import torch
 from torch import nn
 
+from .._guards import GuardSkipping
+
 __all__ = ["pt2e_int8", "quanto_w8a8"]
 
 
@@ -48,7 +50,8 @@ def pt2e_int8(model: nn.Module, calib: list[tuple[torch.Tensor, torch.Tensor]]) 
         for x, t in calib:
             prepared(x, t)
     converted = convert_pt2e(prepared)
-    compiled = torch.compile(converted, dynamic=False)
+    # the same harness as lowbit's compiled variants: guards checked once per kind of call
+    compiled = GuardSkipping(converted, dynamic=False)
 
     def run(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         # freezing on for every call, so that any recompilation is frozen too (an unfrozen graph
