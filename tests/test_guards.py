@@ -83,3 +83,14 @@ def test_environment_switch_turns_skipping_off(monkeypatch):
         for _ in range(3):
             assert torch.equal(fast(x), m(x))
     assert fast.skipped == 0
+
+
+def test_a_call_dynamo_cannot_serve_without_compiling_is_retried_with_the_guards():
+    m = _model()
+    fast = GuardSkipping(m, backend="eager", dynamic=False)
+    x = torch.randn(4, 24)
+    with torch.no_grad():
+        fast(x)
+        torch._dynamo.reset()  # drops the cached graph: under the skipping stance dynamo refuses
+        assert torch.equal(fast(x), m(x))
+        assert fast.skipped == 0 and fast(x) is not None and fast.skipped == 1

@@ -56,7 +56,9 @@ class _SamplingModel(nn.Module):
 def sampling_model(model: nn.Module, dtype: "str | torch.dtype" = torch.float32, compile: bool = False) -> nn.Module:
     """``model`` behind the samplers' interface, run in ``dtype`` ("float32"/"bfloat16" or the
     torch dtype) and, with ``compile=True``, under ``torch.compile`` (compiled on the first batch;
-    if compilation fails, a warning and eager sampling). ``model`` must already hold its float
+    if compilation fails, a warning and eager sampling; repeated calls of the same kind skip
+    dynamo's guard checks, so ``model`` must not be changed in place once sampling has begun:
+    :mod:`lowbit._guards`). ``model`` must already hold its float
     weights in ``dtype``: a checkpoint loaded with ``lowbit.load(..., dtype=...)``, or a float
     model moved with ``.to(dtype)``. Returns ``model`` itself when there is nothing to change."""
     if isinstance(dtype, str):
