@@ -27,6 +27,12 @@ def _model():
     return _Flatten().eval()
 
 
+def _setup():
+    """The model, its guard-skipping compiled form (eager backend: no C++ compiler needed) and an input."""
+    m = _model()
+    return m, GuardSkipping(m, backend="eager", dynamic=False), torch.randn(4, 24)
+
+
 @torch.no_grad()
 def test_alternating_shapes_match_eager_and_skip_after_the_first_call():
     m = _model()
@@ -52,9 +58,7 @@ def test_grad_mode_dtype_offset_and_train_flag_are_part_of_the_key():
 
 
 def test_train_eval_switch_reruns_the_guards():
-    m = _model()
-    fast = GuardSkipping(m, backend="eager", dynamic=False)
-    x = torch.randn(4, 24)
+    m, fast, x = _setup()
     with torch.no_grad():
         fast(x)
         m.train()
@@ -76,9 +80,7 @@ def test_unknown_argument_kinds_never_skip():
 def test_environment_switch_turns_skipping_off(monkeypatch):
     monkeypatch.setenv("LOWBIT_SKIP_GUARDS", "0")
     assert not skipping_available()
-    m = _model()
-    fast = GuardSkipping(m, backend="eager", dynamic=False)
-    x = torch.randn(4, 24)
+    m, fast, x = _setup()
     with torch.no_grad():
         for _ in range(3):
             assert torch.equal(fast(x), m(x))
@@ -86,9 +88,7 @@ def test_environment_switch_turns_skipping_off(monkeypatch):
 
 
 def test_a_call_dynamo_cannot_serve_without_compiling_is_retried_with_the_guards():
-    m = _model()
-    fast = GuardSkipping(m, backend="eager", dynamic=False)
-    x = torch.randn(4, 24)
+    m, fast, x = _setup()
     with torch.no_grad():
         fast(x)
         torch._dynamo.reset()  # drops the cached graph: under the skipping stance dynamo refuses
