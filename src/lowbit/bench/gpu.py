@@ -25,6 +25,7 @@ from typing import Callable
 import torch
 from torch import nn
 
+from .._guards import GuardSkipping
 from .._platform import cpu_name, resolve_device
 from ..errors import EvaluationError
 from ..evaluate.sampling import sample, trajectory_inputs
@@ -59,7 +60,7 @@ def _variants(spec, calib, recipes, device, compile_: bool, workdir: Path, log) 
     out = [dict(name="fp32", fn=_on(fp, device, torch.float32), bytes=fp_bytes, paths={"fp32": 1}),
            dict(name="bf16", fn=_on(bf, device, torch.bfloat16), bytes=fp_bytes // 2, paths={"bf16": 1})]
     if compile_:
-        out.append(dict(name="bf16 + compile", fn=_on(torch.compile(copy.deepcopy(bf), dynamic=False), device,
+        out.append(dict(name="bf16 + compile", fn=_on(GuardSkipping(copy.deepcopy(bf), dynamic=False), device,
                                                       torch.bfloat16), bytes=fp_bytes // 2, paths={"bf16": 1}))
     for r in recipes:
         q = quantize(spec.load(), r, calib, progress=False)
@@ -76,7 +77,7 @@ def _variants(spec, calib, recipes, device, compile_: bool, workdir: Path, log) 
         log(f"  built lowbit {r} on {device}: {size:,} B, paths {paths}")
         out.append(dict(name=f"lowbit {r}", fn=_on(m, device, torch.bfloat16), bytes=size, paths=paths))
         if compile_:
-            out.append(dict(name=f"lowbit {r} + compile", fn=_on(torch.compile(m, dynamic=False), device,
+            out.append(dict(name=f"lowbit {r} + compile", fn=_on(GuardSkipping(m, dynamic=False), device,
                                                                  torch.bfloat16), bytes=size, paths=paths))
     return out
 
