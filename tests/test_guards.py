@@ -68,6 +68,7 @@ def test_train_eval_switch_reruns_the_guards():
 
 def test_unknown_argument_kinds_never_skip():
     assert call_key((object(),), {}) is None
+    assert call_key((None, [1, 2.0], {"a": torch.zeros(1)}), {}) is not None  # these it describes
     m = _model()
     fast = GuardSkipping(lambda x, o: m(x), backend="eager", dynamic=False)
     x = torch.randn(4, 24)

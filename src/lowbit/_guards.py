@@ -42,6 +42,9 @@ def skipping_available() -> bool:
     return "skip_guard_eval_unsafe" in inspect.signature(torch._dynamo.set_stance).parameters
 
 
+_UNKNOWN = object()  # marks an argument the key cannot describe
+
+
 def _arg_key(a: Any) -> Any:
     if isinstance(a, torch.Tensor):
         return ("T", tuple(a.shape), a.stride(), a.storage_offset(), a.dtype, a.device, a.requires_grad)
@@ -51,14 +54,14 @@ def _arg_key(a: Any) -> Any:
         return ("D", tuple((k, _arg_key(v)) for k, v in sorted(a.items(), key=lambda kv: str(kv[0]))))
     if a is None or isinstance(a, (bool, int, float, str, torch.dtype, torch.device)):
         return (type(a).__name__, a)
-    return None  # something the key cannot describe: never skip the guards for it
+    return _UNKNOWN  # something the key cannot describe: never skip the guards for it
 
 
 def call_key(args: tuple, kwargs: dict, module: nn.Module | None = None) -> tuple | None:
     """What the guards of a static-shape compiled call depend on, as a hashable key; ``None``
     when an argument is of a kind the key cannot describe."""
     parts = (_arg_key(args), _arg_key(kwargs))
-    if None in _flatten(parts):
+    if any(x is _UNKNOWN for x in _flatten(parts)):
         return None
     state = (torch.is_grad_enabled(), torch.is_inference_mode_enabled(), torch.get_default_dtype(),
              None if module is None else module.training)
