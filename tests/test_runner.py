@@ -51,6 +51,20 @@ def test_compiled_matches_eager():
 
 
 @torch.no_grad()
+def test_a_smaller_last_batch_is_padded_not_recompiled():
+    m = make_unet().eval()
+    x, t = _inputs()  # batch 2: the shapes test_compiled_matches_eager compiles (inductor's cache)
+    fast = sampling_model(m, compile=True)
+    fast(x, t)
+    x1, t1 = x[1:] * 0.5, t[1:]
+    y = fast(x1, t1)  # batch 1 after batch 2: run as batch 2, the padding row dropped
+    assert y.shape == (1, 1, 8, 8)
+    assert torch.allclose(y, m(x1, t1).sample, rtol=1e-4, atol=1e-5), (y - m(x1, t1).sample).abs().max()
+    assert len(fast._fn.seen) == (1 if fast._fn.enabled else 0)  # one kind of call: no second compilation
+    assert torch.allclose(fast(x, t), m(x, t).sample, rtol=1e-4, atol=1e-5)  # the padding left no trace
+
+
+@torch.no_grad()
 def test_a_compile_failure_warns_and_samples_eagerly(monkeypatch):
     def broken(*a, **k):
         raise RuntimeError("no C++ compiler found\nsecond line")
