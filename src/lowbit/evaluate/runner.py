@@ -78,7 +78,8 @@ def sampling_model(model: nn.Module, dtype: "str | torch.dtype" = torch.float32,
     torch dtype) and, with ``compile=True``, under ``torch.compile`` (compiled on the first batch;
     if compilation fails, a warning and eager sampling; repeated calls of the same kind skip
     dynamo's guard checks, so ``model`` must not be changed in place once sampling has begun:
-    :mod:`lowbit._guards`). ``model`` must already hold its float
+    :mod:`lowbit._guards`; a batch smaller than one already compiled is padded to that size, which
+    assumes the model computes each sample on its own, as diffusion UNets in eval mode do). ``model`` must already hold its float
     weights in ``dtype``: a checkpoint loaded with ``lowbit.load(..., dtype=...)``, or a float
     model moved with ``.to(dtype)``. Returns ``model`` itself when there is nothing to change."""
     if isinstance(dtype, str):
