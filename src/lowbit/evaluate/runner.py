@@ -2,9 +2,10 @@
 
 ``lowbit bench`` measures its fastest CPU configuration as a checkpoint loaded with
 ``dtype=torch.bfloat16`` (bf16 between the quantized layers) and the whole UNet under
-``torch.compile`` (docs/performance*.md), its guards checked once per kind of call (:mod:`lowbit._guards`). :func:`sampling_model` gives that configuration the
-``model(x, t)`` interface the samplers call — float32 in, float32 noise prediction out — so that
-``lowbit evaluate`` and ``lowbit sample`` can score and draw exactly what the benchmark times.
+``torch.compile`` (docs/performance*.md), its guards checked once per kind of call
+(:mod:`lowbit._guards`). :func:`sampling_model` gives that configuration the ``model(x, t)``
+interface the samplers call — float32 in, float32 noise prediction out — so that ``lowbit
+evaluate`` and ``lowbit sample`` can score and draw exactly what the benchmark times.
 """
 
 from __future__ import annotations
@@ -54,7 +55,7 @@ class _SamplingModel(nn.Module):
         # t.clone(): the sampler's t is a view into the scheduler's timestep table at a new
         # storage offset each step, and a compiled model would recompile for every offset
         args = (x.to(self.dtype), t.clone())
-        rows = None
+        rows = x.shape[0]
         if self.compiled:
             *args, rows = self._pad(*args)
             try:
@@ -70,7 +71,7 @@ class _SamplingModel(nn.Module):
         else:
             out = self._fn(*args)
         out = out.sample if hasattr(out, "sample") else out
-        return out[:rows].float() if rows is not None else out.float()
+        return out[:rows].float()
 
 
 def sampling_model(model: nn.Module, dtype: "str | torch.dtype" = torch.float32, compile: bool = False) -> nn.Module:
