@@ -75,14 +75,57 @@ def _summary(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def _quantize_diffusion(spec: str, recipe_name: str, out: Path | None, calib_samples: int, calib_steps: int,
+                        seed: int, progress: bool) -> dict:
+    """Quantize a diffusion UNet (the bundled one or a local diffusers folder) on inputs recorded
+    along its own DDIM trajectory, save it, reload it from the file alone, and measure the ε
+    prediction against FP on a held-out trajectory (another seed)."""
+    from .evaluate.sampling import trajectory_inputs
+    from .zoo.local import open_diffusion_model
+
+    if calib_samples <= 0 or calib_steps <= 0:
+        raise EvaluationError("--calib-samples and --calib-steps must be positive")
+    dm = open_diffusion_model(spec)
+    for note in dm.notes:
+        print(f"note: {note}")
+    model = dm.model
+    fp_bytes = fp32_safetensors_bytes(model)
+    kw = dict(shape=dm.shape, steps=calib_steps, progress=progress)
+    calib = trajectory_inputs(model, dm.scheduler_config, n=calib_samples, seed=12345 + seed, **kw)
+    held_out = trajectory_inputs(model, dm.scheduler_config, n=min(4, calib_samples), seed=54321 + seed, **kw)
+    held_out = held_out[:: max(1, len(held_out) // 5)]  # ~5 timesteps spread over the trajectory
+
+    def eps(m, batches):
+        with torch.no_grad():
+            return [m(x, t).sample for x, t in batches]
+
+    ref = eps(model, held_out)
+    t0 = time.perf_counter()
+    quantize(model, recipe(recipe_name), calib, progress=progress)
+    secs = time.perf_counter() - t0
+    out = out or Path(f"runs/{dm.name}-{recipe_name}.safetensors")
+    save(model, out, metadata=dm.metadata)
+    reloaded = load(out, compute="emulated")  # rebuilt from the checkpoint's own metadata
+    outs, outs2 = eps(model, held_out), eps(reloaded, held_out)
+    return dict(model=model, recipe=recipe_name, path=out, seconds=secs, fp32_bytes=fp_bytes,
+                bytes=out.stat().st_size, sqnr=sqnr_db(torch.cat(ref), torch.cat(outs)),
+                identical=all(torch.equal(a, b) for a, b in zip(outs, outs2)), diffusion=True)
+
+
 def _cmd_quantize(args: argparse.Namespace) -> None:
-    out = Path(args.out or f"runs/{args.model}-{args.recipe}.safetensors")
-    r = _quantize_builtin(args.model, args.recipe, out, args.calib_batches, args.seed, not args.quiet)
+    if args.model in toy.BUILTIN:
+        out = Path(args.out or f"runs/{args.model}-{args.recipe}.safetensors")
+        r = _quantize_builtin(args.model, args.recipe, out, args.calib_batches, args.seed, not args.quiet)
+    else:
+        r = _quantize_diffusion(args.model, args.recipe, Path(args.out) if args.out else None, args.calib_samples,
+                                args.calib_steps, args.seed, not args.quiet)
     if not args.quiet:
         print(format_report(report(r["model"]), max_rows=args.max_rows))
     print(f"\nfp32 safetensors: {r['fp32_bytes']:,} B")
     print(_summary([r]))
-    print(f"saved {out}")
+    print(f"saved {r['path']}")
+    if r.get("diffusion"):
+        print(f"sample from it: lowbit sample --checkpoint {r['path']} --out {Path(r['path']).with_suffix('.png')}")
 
 
 def _cmd_report(args: argparse.Namespace) -> None:
@@ -95,22 +138,42 @@ def _cmd_demo(args: argparse.Namespace) -> None:
     run_demo(args.out, tuple(args.recipes), args.protocol, args.samples, args.steps, progress=not args.quiet)
 
 
-def _bundled_with(checkpoint: str | None, compute: str = "auto", dtype: str = "float32",
-                  compile: bool = False) -> torch.nn.Module:
-    """The bundled UNet (or a checkpoint of it) ready for the samplers: in ``dtype`` between the
-    quantized layers and, with ``compile``, under torch.compile (:mod:`lowbit.evaluate.runner`)."""
+def _checkpoint_model(checkpoint: str | None, compute: str = "auto", dtype: str = "float32",
+                      compile: bool = False, bundled_only: bool = False) -> tuple[torch.nn.Module, dict, tuple]:
+    """(model, noise schedule, sample shape) for the samplers: the bundled FP UNet, or a
+    checkpoint's model rebuilt from its own metadata; in ``dtype`` between the quantized layers
+    and, with ``compile``, under torch.compile (:mod:`lowbit.evaluate.runner`)."""
     from .evaluate.runner import DTYPES, sampling_model
-    from .zoo.fmnist_unet import build_fmnist_unet, load_fmnist_unet
+    from .io import read_metadata
+    from .zoo.fmnist_unet import FMNIST_SCHEDULER_CONFIG, load_fmnist_unet
+    from .zoo.local import BUNDLED, build_from_metadata
 
     if dtype != "float32" and compute == "emulated":
         raise EvaluationError("--dtype bfloat16 applies to native kernels only; drop it or use --compute auto")
     if checkpoint is None:
-        model = load_fmnist_unet().to(DTYPES[dtype])
+        model, schedule, shape = load_fmnist_unet().to(DTYPES[dtype]), dict(FMNIST_SCHEDULER_CONFIG), (1, 28, 28)
     else:
-        with torch.device("meta"):
-            fresh = build_fmnist_unet()
+        meta = read_metadata(checkpoint)
+        if bundled_only and meta.get("user.model", BUNDLED) != BUNDLED:
+            raise EvaluationError(f"{checkpoint} is a checkpoint of another model than the bundled one; lowbit evaluate"
+                                  " scores the bundled Fashion-MNIST model only (its metrics live in that feature"
+                                  f" space): look at this one with lowbit sample --checkpoint {checkpoint}")
+        if "user.model" not in meta and "user.builtin_model" not in meta:
+            fresh, schedule, shape = build_from_metadata({"user.model": BUNDLED})  # demo checkpoints before it was stored
+        else:
+            fresh, schedule, shape = build_from_metadata(meta)
+        if schedule is None:
+            raise EvaluationError(f"{checkpoint} is a checkpoint of {meta.get('user.builtin_model')}, which is not a"
+                                  " trained diffusion model: nothing to sample; quantize fmnist-unet or a diffusers"
+                                  " UNet2DModel folder")
         model = load(checkpoint, fresh, compute=compute, dtype=DTYPES[dtype])
-    return sampling_model(model, dtype, compile)
+    return sampling_model(model, dtype, compile), schedule, shape
+
+
+def _bundled_with(checkpoint: str | None, compute: str = "auto", dtype: str = "float32",
+                  compile: bool = False) -> torch.nn.Module:
+    """The bundled UNet (or a checkpoint of it) ready for the samplers (see _checkpoint_model)."""
+    return _checkpoint_model(checkpoint, compute, dtype, compile, bundled_only=True)[0]
 
 
 def _fast_suffix(args: argparse.Namespace) -> str:
@@ -178,10 +241,9 @@ def _cmd_bench_device(args: argparse.Namespace, cmd: str) -> None:
 def _cmd_sample(args: argparse.Namespace) -> None:
     from .evaluate.output import save_grid
     from .evaluate.sampling import sample
-    from .zoo.fmnist_unet import FMNIST_SCHEDULER_CONFIG
 
-    model = _bundled_with(args.checkpoint, dtype=args.dtype, compile=args.compile)
-    imgs = sample(model, FMNIST_SCHEDULER_CONFIG, n=args.n, seed=args.seed, sampler=args.sampler, steps=args.steps,
+    model, schedule, shape = _checkpoint_model(args.checkpoint, dtype=args.dtype, compile=args.compile)
+    imgs = sample(model, schedule, n=args.n, seed=args.seed, sampler=args.sampler, steps=args.steps, shape=shape,
                   progress=not args.quiet)
     rows = {f"seed {args.seed} [{i}:{i + args.per_row}]": imgs[i:i + args.per_row] for i in range(0, args.n, args.per_row)}
     print(f"wrote {save_grid(rows, args.out)}")
@@ -204,22 +266,34 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(fn=_cmd_formats)
     s = sub.add_parser("recipes", help="list the named recipes")
     s.set_defaults(fn=_cmd_recipes)
-    s = sub.add_parser("quantize", help="quantize a built-in model, save a packed checkpoint, print the report")
-    s.add_argument("--model", default="toy-unet", choices=toy.BUILTIN)
-    s.add_argument("--recipe", default="w8a8", choices=list(RECIPES))
+    s = sub.add_parser("quantize", help="quantize the bundled diffusion model, a local diffusers UNet2DModel folder or"
+                                        " a built-in toy; save a packed checkpoint, print the report")
+    s.add_argument("--model", default="fmnist-unet", metavar="NAME_OR_DIR",
+                   help="fmnist-unet (the bundled diffusion model), a folder written by diffusers' save_pretrained"
+                        " (a UNet2DModel, or a pipeline with unet/ and scheduler/; safetensors weights, read"
+                        f" locally), or a random built-in: {', '.join(toy.BUILTIN)} (default %(default)s)")
+    s.add_argument("--recipe", default="w8a8", choices=list(RECIPES), help="named recipe (default %(default)s;"
+                   " `lowbit recipes` lists them)")
     s.add_argument("--out", help="checkpoint path (default runs/<model>-<recipe>.safetensors)")
-    s.add_argument("--calib-batches", type=int, default=8)
-    s.add_argument("--seed", type=int, default=0)
-    s.add_argument("--max-rows", type=int, default=None)
+    s.add_argument("--calib-samples", type=int, default=64,
+                   help="diffusion models: images sampled by the FP model to record calibration inputs"
+                        " (default %(default)s)")
+    s.add_argument("--calib-steps", type=int, default=20,
+                   help="diffusion models: DDIM steps of that sampling, one calibration batch each (default %(default)s)")
+    s.add_argument("--calib-batches", type=int, default=8, help="built-in toys: random calibration batches"
+                   " (default %(default)s)")
+    s.add_argument("--seed", type=int, default=0, help="seed of the calibration inputs (and of a toy's weights)")
+    s.add_argument("--max-rows", type=int, default=None, help="rows of the per-layer table to print (default all)")
     s.add_argument("--quiet", action="store_true", help="no progress bar and no per-layer table")
     s.set_defaults(fn=_cmd_quantize)
     s = sub.add_parser("report", help="per-layer report of a saved checkpoint")
-    s.add_argument("checkpoint")
-    s.add_argument("--max-rows", type=int, default=None)
+    s.add_argument("checkpoint", help="a lowbit checkpoint (.safetensors)")
+    s.add_argument("--max-rows", type=int, default=None, help="rows of the table to print (default all)")
     s.set_defaults(fn=_cmd_report)
     s = sub.add_parser("demo", help="quantize the bundled diffusion model (w8a8, w4a8), evaluate it, write a report")
-    s.add_argument("--out", default="runs/demo")
-    s.add_argument("--recipes", nargs="+", default=["w8a8", "w4a8"], choices=list(RECIPES))
+    s.add_argument("--out", default="runs/demo", help="output folder (default %(default)s)")
+    s.add_argument("--recipes", nargs="+", default=["w8a8", "w4a8"], choices=list(RECIPES),
+                   help="recipes to quantize with (default: w8a8 w4a8)")
     s.add_argument("--protocol", default="quick", help="quick (default) or full; see docs/evaluation.md")
     s.add_argument("--samples", type=int, help="override the protocol's sample count")
     s.add_argument("--steps", type=int, help="override the protocol's sampler steps")
@@ -227,13 +301,13 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(fn=_cmd_demo)
     s = sub.add_parser("evaluate", help="evaluate the bundled FP model and quantized checkpoints of it")
     s.add_argument("checkpoints", nargs="*", help="lowbit checkpoints of the bundled UNet")
-    s.add_argument("--protocol", default="quick")
-    s.add_argument("--samples", type=int)
-    s.add_argument("--steps", type=int)
-    s.add_argument("--seeds", type=int, nargs="+")
-    s.add_argument("--sampler", choices=["ddim", "dpm"])
-    s.add_argument("--out", default="runs/evaluate")
-    s.add_argument("--quiet", action="store_true")
+    s.add_argument("--protocol", default="quick", help="quick (default) or full; see docs/evaluation.md")
+    s.add_argument("--samples", type=int, help="override the protocol's sample count")
+    s.add_argument("--steps", type=int, help="override the protocol's sampler steps")
+    s.add_argument("--seeds", type=int, nargs="+", help="override the protocol's seeds")
+    s.add_argument("--sampler", choices=["ddim", "dpm"], help="override the protocol's sampler")
+    s.add_argument("--out", default="runs/evaluate", help="output folder (default %(default)s)")
+    s.add_argument("--quiet", action="store_true", help="no progress bars")
     s.add_argument("--compute", default="auto", choices=list(PATHS),
                    help="compute path of the checkpoints (default auto: native kernels; emulated: the simulated"
                         " model bit for bit)")
@@ -245,20 +319,24 @@ def build_parser() -> argparse.ArgumentParser:
                         "seed-to-seed FID* (no sampling)")
     s.set_defaults(fn=_cmd_evaluate)
     s = sub.add_parser("sample", help="sample images from the bundled model or a quantized checkpoint of it")
-    s.add_argument("--checkpoint", help="a lowbit checkpoint of the bundled UNet (default: the FP model)")
-    s.add_argument("--n", type=int, default=40)
-    s.add_argument("--per-row", type=int, default=20)
-    s.add_argument("--seed", type=int, default=0)
-    s.add_argument("--steps", type=int, default=20)
-    s.add_argument("--sampler", default="ddim", choices=["ddim", "dpm"])
-    s.add_argument("--out", default="runs/samples.png")
-    s.add_argument("--quiet", action="store_true")
+    s.add_argument("--checkpoint", help="a lowbit checkpoint written by `lowbit quantize` or `lowbit demo` (its model"
+                   " is rebuilt from the file; default: the bundled FP model)")
+    s.add_argument("--n", type=int, default=40, help="images to sample (default %(default)s)")
+    s.add_argument("--per-row", type=int, default=20, help="images per row of the grid (default %(default)s)")
+    s.add_argument("--seed", type=int, default=0, help="noise seed (default %(default)s)")
+    s.add_argument("--steps", type=int, default=20, help="sampler steps (default %(default)s)")
+    s.add_argument("--sampler", default="ddim", choices=["ddim", "dpm"], help="default %(default)s")
+    s.add_argument("--out", default="runs/samples.png", help="PNG grid to write (default %(default)s)")
+    s.add_argument("--quiet", action="store_true", help="no progress bar")
     _fast_options(s, "the model")
     s.set_defaults(fn=_cmd_sample)
     s = sub.add_parser("bench", help="sampling speed, memory and accuracy of FP32/BF16, lowbit recipes and peers")
-    s.add_argument("--models", nargs="+", default=["bundled", "sdlike"], choices=["bundled", "sdlike"])
-    s.add_argument("--recipes", nargs="+", default=["w8a8", "w4a8", "fp8"])
-    s.add_argument("--peers", nargs="*", default=["pt2e", "quanto"], choices=["pt2e", "quanto"])
+    s.add_argument("--models", nargs="+", default=["bundled", "sdlike"], choices=["bundled", "sdlike"],
+                   help="benchmark models (default: both)")
+    s.add_argument("--recipes", nargs="+", default=["w8a8", "w4a8", "fp8"], choices=list(RECIPES),
+                   help="lowbit recipes to time (default: w8a8 w4a8 fp8)")
+    s.add_argument("--peers", nargs="*", default=["pt2e", "quanto"], choices=["pt2e", "quanto"],
+                   help="peer libraries to time on the same models (default: both; none: --peers)")
     s.add_argument("--steps", type=int, default=5, help="DDIM steps per timed sampling run")
     s.add_argument("--repeats", type=int, default=3, help="timed repeats (medians are reported)")
     s.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")

@@ -168,6 +168,24 @@ def read_checkpoint(path: "str | Path") -> tuple[dict[str, str], dict[str, torch
     return meta, tensors
 
 
+def read_metadata(path: "str | Path") -> dict[str, str]:
+    """A lowbit checkpoint's metadata, from the file's header alone (no tensor is read; the
+    checksum is checked when the checkpoint is loaded)."""
+    path = Path(path)
+    fix = "check the path, or re-save it with lowbit.save (it writes .safetensors files)"
+    if not path.is_file():
+        raise CheckpointError(f"lowbit checkpoint not found at {path}; {fix}")
+    try:
+        with safetensors.safe_open(str(path), framework="pt") as f:
+            meta = dict(f.metadata() or {})
+    except Exception as e:  # safetensors' own error types for a damaged header
+        msg = (str(e).splitlines() or [type(e).__name__])[0][:120]
+        raise CheckpointError(f"cannot read lowbit checkpoint {path}: the file is damaged ({msg}); {fix}") from None
+    if "lowbit_format" not in meta:
+        raise CheckpointError(f"{path} is not a lowbit checkpoint (no lowbit metadata); quantize and save it with lowbit first")
+    return meta
+
+
 def _json(meta: dict[str, str], key: str):
     try:
         return json.loads(meta[key])
@@ -192,12 +210,15 @@ def _check_arch(expected: dict, model: nn.Module) -> None:
 
 
 
-def load(path: "str | Path", model: nn.Module, *, compute: str = "auto",
+def load(path: "str | Path", model: nn.Module | None = None, *, compute: str = "auto",
          dtype: torch.dtype = torch.float32, device: "str | torch.device | None" = None) -> nn.Module:
     """Load a lowbit checkpoint into ``model``, the *float* architecture it was quantized from.
 
     Build the model under ``torch.device("meta")`` to avoid allocating any fp32 weight; every
     tensor is then assigned from the file. Returns the quantized model (stored form, eval mode).
+    ``model=None`` rebuilds the architecture the checkpoint records (checkpoints written by
+    ``lowbit quantize``/``lowbit demo``: the bundled model, a diffusers ``UNet2DModel`` config or a
+    built-in toy; :func:`lowbit.zoo.local.build_from_metadata`), on the meta device.
 
     ``compute`` installs each layer's kernel (:func:`lowbit.kernels.set_compute`): ``"auto"``
     runs native int8 / bf16 wherever a layer's formats allow, and then keeps only the kernel's
@@ -215,6 +236,10 @@ def load(path: "str | Path", model: nn.Module, *, compute: str = "auto",
 
     if compute not in PATHS:
         raise CheckpointError(f"unknown compute path {compute!r}: use {', '.join(PATHS)}")
+    if model is None:
+        from .zoo.local import build_from_metadata
+
+        model = build_from_metadata(read_metadata(path))[0]
     target = resolve_device(device, CheckpointError, "load with device='cpu'")
     if target.type != "cpu":  # unpack on the host, move, then build the kernels on the device
         from .kernels.select import set_compute

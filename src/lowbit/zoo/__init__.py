@@ -3,6 +3,8 @@
 * :mod:`lowbit.zoo.fmnist_unet` — the bundled, trained Fashion-MNIST diffusion UNet (config as
   data, fp16 EMA weights in the package, :func:`load_fmnist_unet`);
 * :mod:`lowbit.zoo.toy` — seeded random-initialised networks for quick checks;
+* :mod:`lowbit.zoo.local` — diffusion models named on the command line (the bundled one, a local
+  diffusers folder) and the architecture a checkpoint records;
 * :mod:`lowbit.zoo.ship` — exports a training run into the package.
 """
 
