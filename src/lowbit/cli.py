@@ -212,13 +212,21 @@ def _cmd_evaluate(args: argparse.Namespace) -> None:
 def _cmd_bench(args: argparse.Namespace) -> None:
     from .bench.run import bench
 
-    if args.steps <= 0 or args.repeats <= 0:
-        raise EvaluationError("--steps and --repeats must be positive")
+    if args.steps <= 0 or args.repeats <= 0 or (args.batch is not None and args.batch <= 0):
+        raise EvaluationError("--steps, --repeats and --batch must be positive")
     cmd = "lowbit bench " + " ".join(sys.argv[2:]) if len(sys.argv) > 2 else "lowbit bench"
     if args.device is not None:
         return _cmd_bench_device(args, cmd.strip())
+    folders = [m for m in args.models if m not in ("bundled", "sdlike")]
+    for m in folders:  # a typo fails here, in one line, not after minutes of benchmarking
+        if not Path(m).is_dir():
+            raise EvaluationError(f"unknown benchmark model {m!r}: use bundled, sdlike, or a local diffusers"
+                                  " UNet2DModel folder")
+    out = args.out
+    if folders and out == "docs/performance.md":  # docs/performance.md is the bundled models' report
+        out = f"runs/performance-{Path(folders[0]).resolve().name}.md"
     bench(tuple(args.models), tuple(args.recipes), tuple(args.peers), args.steps, args.repeats, args.threads,
-          not args.no_memory, args.out, command=cmd.strip())
+          not args.no_memory, out, command=cmd.strip(), batch=args.batch)
 
 
 def _cmd_bench_device(args: argparse.Namespace, cmd: str) -> None:
@@ -331,8 +339,9 @@ def build_parser() -> argparse.ArgumentParser:
     _fast_options(s, "the model")
     s.set_defaults(fn=_cmd_sample)
     s = sub.add_parser("bench", help="sampling speed, memory and accuracy of FP32/BF16, lowbit recipes and peers")
-    s.add_argument("--models", nargs="+", default=["bundled", "sdlike"], choices=["bundled", "sdlike"],
-                   help="benchmark models (default: both)")
+    s.add_argument("--models", nargs="+", default=["bundled", "sdlike"], metavar="MODEL",
+                   help="bundled, sdlike (default: both), or a local diffusers UNet2DModel/pipeline folder (its"
+                        " report goes to runs/performance-<folder>.md unless --out says otherwise)")
     s.add_argument("--recipes", nargs="+", default=["w8a8", "w4a8", "fp8"], choices=list(RECIPES),
                    help="lowbit recipes to time (default: w8a8 w4a8 fp8)")
     s.add_argument("--peers", nargs="*", default=["pt2e", "quanto"], choices=["pt2e", "quanto"],
@@ -347,7 +356,8 @@ def build_parser() -> argparse.ArgumentParser:
                         " SD-like model, ratios to bf16, report docs/performance-gpu.md); cpu: that same reduced"
                         " benchmark on the CPU, to check it without a GPU (report runs/performance-device-cpu.md). Without"
                         " --device: the full CPU benchmark")
-    s.add_argument("--batch", type=int, default=None, help="images per batch for --device runs (default: the model's)")
+    s.add_argument("--batch", type=int, default=None,
+                   help="images per batch (default: the model's: bundled 64, sdlike and folders 4)")
     s.add_argument("--no-compile", action="store_true", help="--device runs: skip the torch.compile variants")
     s.set_defaults(fn=_cmd_bench)
     s = sub.add_parser("train", help="train the bundled UNet on Fashion-MNIST (resumable); --help for options")

@@ -114,3 +114,34 @@ def test_memory_processes_go_to_the_eager_variants_a_user_loads():
     assert [run._memory_runs(v, large, True) for v in vs] == [2, 2, 0, 1, 2, 0, 0, 0]
     assert [run._memory_runs(v, small, True) for v in vs] == [1, 1, 0, 1, 1, 0, 0, 0]
     assert all(run._memory_runs(v, large, False) == 0 for v in vs)
+
+
+def test_a_diffusers_folder_is_a_benchmark_model(tmp_path):
+    import torch
+    from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
+
+    from lowbit.zoo.toy import TOY_UNET_CONFIG
+
+    torch.manual_seed(0)
+    unet = UNet2DModel(**TOY_UNET_CONFIG)
+    DDPMPipeline(unet=unet, scheduler=DDPMScheduler(beta_schedule="squaredcos_cap_v2")).save_pretrained(tmp_path / "p")
+    spec = MODELS[str(tmp_path / "p")]
+    assert spec.shape == (1, 16, 16) and spec.batch == 4 and spec.scheduler["beta_schedule"] == "squaredcos_cap_v2"
+    with torch.device("meta"):
+        assert next(spec.build().parameters()).is_meta
+    assert torch.equal(spec.load().conv_in.weight, unet.conv_in.weight)
+    assert "local diffusers UNet2DModel, 0.70M params, 1×16×16, channels 32/64" in spec.description
+
+
+def test_cli_bench_sends_a_folder_report_to_runs(tmp_path, monkeypatch, capsys):
+    import lowbit.bench.run as run
+    from lowbit.cli import main
+
+    got = {}
+    monkeypatch.setattr(run, "bench", lambda *a, **kw: got.update(args=a, kw=kw))
+    (tmp_path / "mine").mkdir()
+    assert main(["bench", "--models", str(tmp_path / "mine"), "--batch", "2"]) == 0
+    assert got["args"][7] == "runs/performance-mine.md" and got["kw"]["batch"] == 2
+    assert main(["bench", "--models", str(tmp_path / "nothere")]) == 2
+    assert "unknown benchmark model" in capsys.readouterr().err
+    assert main(["bench", "--batch", "0"]) == 2

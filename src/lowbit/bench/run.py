@@ -22,7 +22,7 @@ import os
 import shutil
 import statistics
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable
 
@@ -69,15 +69,37 @@ def _sdlike() -> ModelSpec:
                      large_size=128)
 
 
+def _folder(path: str) -> ModelSpec:
+    """A user's diffusers ``UNet2DModel`` (or DDPM pipeline) folder (:mod:`lowbit.zoo.local`):
+    its own weights and noise schedule, batch 4 unless ``--batch`` says otherwise."""
+    from diffusers import UNet2DModel
+
+    from ..zoo.local import open_diffusion_model
+
+    dm = open_diffusion_model(path)
+    config = {k: v for k, v in dm.model.config.items() if not k.startswith("_")}
+    params = sum(p.numel() for p in dm.model.parameters())
+    del dm.model  # the variants load their own copies
+    desc = (f"{dm.name} (local diffusers UNet2DModel, {params / 1e6:.2f}M params, "
+            f"{'×'.join(map(str, dm.shape))}, channels {'/'.join(map(str, config['block_out_channels']))})")
+    return ModelSpec(lambda: UNet2DModel.from_config(config), lambda: open_diffusion_model(path).model,
+                     dm.scheduler_config, dm.shape, 4, desc)
+
+
 class _Models(dict):
-    """Model name -> ModelSpec, built lazily (importing diffusers models is not free)."""
+    """Model name -> ModelSpec, built lazily (importing diffusers models is not free). A name
+    that is a folder on disk is a user's diffusers UNet2DModel (:func:`_folder`)."""
 
     _makers = {"bundled": _bundled, "sdlike": _sdlike}
 
     def __missing__(self, key: str) -> ModelSpec:
-        if key not in self._makers:
-            raise KeyError(f"unknown benchmark model {key!r}: use one of {', '.join(self._makers)}")
-        self[key] = self._makers[key]()
+        if key in self._makers:
+            self[key] = self._makers[key]()
+        elif Path(key).is_dir():
+            self[key] = _folder(key)
+        else:
+            raise KeyError(f"unknown benchmark model {key!r}: use one of {', '.join(self._makers)}, or a local"
+                           " diffusers UNet2DModel folder")
         return self[key]
 
 
@@ -111,10 +133,11 @@ def _memory_runs(v: Variant, spec: ModelSpec, memory: bool) -> int:
 
 
 def bench_model(name: str, recipes: tuple[str, ...], peers: tuple[str, ...], steps: int, repeats: int,
-                threads: int, memory: bool, log=print, progress: bool = True) -> dict:
+                threads: int, memory: bool, log=print, progress: bool = True, batch: int | None = None) -> dict:
     """Benchmark one model; returns a dict of rows for the report. ``progress``: tqdm bars over
-    the sampling runs and the memory processes (shown only when stderr is a terminal)."""
-    spec = MODELS[name]
+    the sampling runs and the memory processes (shown only when stderr is a terminal);
+    ``batch`` overrides the model's benchmark batch."""
+    spec = MODELS[name] if batch is None else replace(MODELS[name], batch=batch)
     log(f"{name}: {spec.description}; batch {spec.batch}, DDIM {steps} steps")
     fp = spec.load()
     calib = trajectory_inputs(fp, spec.scheduler, n=spec.batch, steps=steps, shape=spec.shape, progress=False)
@@ -271,9 +294,10 @@ def markdown(results: list[dict], command: str, threads: int) -> str:
 def bench(models: tuple[str, ...] = ("bundled", "sdlike"), recipes: tuple[str, ...] = ("w8a8", "w4a8", "fp8"),
           peers: tuple[str, ...] = ("pt2e", "quanto"), steps: int = 5, repeats: int = 3, threads: int | None = None,
           memory: bool = True, out: "str | Path | None" = "docs/performance.md", command: str = "lowbit bench",
-          log=print, progress: bool = True) -> list[dict]:
+          log=print, progress: bool = True, batch: int | None = None) -> list[dict]:
     """Run the benchmark and write the Markdown report to ``out`` (``None``: don't write);
-    ``progress``: tqdm bars while it runs (on a terminal)."""
+    ``progress``: tqdm bars while it runs (on a terminal). ``models`` are names in
+    :data:`MODELS` or local diffusers UNet2DModel folders; ``batch`` overrides each model's batch."""
     threads = threads or torch.get_num_threads()
     torch.set_num_threads(threads)
     # every compiled variant of a model shares the model class's forward code object, and dynamo
@@ -285,7 +309,7 @@ def bench(models: tuple[str, ...] = ("bundled", "sdlike"), recipes: tuple[str, .
 
     results = []
     for m in models:  # the report is rewritten after each model, so a late failure loses nothing
-        results.append(bench_model(m, recipes, peers, steps, repeats, threads, memory, log, progress))
+        results.append(bench_model(m, recipes, peers, steps, repeats, threads, memory, log, progress, batch))
         text = markdown(results, command, threads)
         if out is not None:
             atomic_write(Path(out), text.encode())
