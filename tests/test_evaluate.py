@@ -91,3 +91,19 @@ def test_seed_spread_combines_single_seed_feature_files(tmp_path):
     _save_features(tmp_path / "c.safetensors", a, proto.with_(steps=5), 2)
     with pytest.raises(EvaluationError, match="different protocols"):
         seed_spread([tmp_path / "a.safetensors", tmp_path / "c.safetensors"])
+
+
+def test_grid_draws_rgb_images_in_colour_and_refuses_latents(tmp_path):
+    import matplotlib.image as mpimg
+
+    from lowbit.errors import EvaluationError
+    from lowbit.evaluate.output import save_grid
+
+    red = torch.full((2, 3, 8, 8), -1.0)
+    red[:, 0] = 1.0  # pure red in [-1, 1]
+    px = mpimg.imread(save_grid({"rgb": red}, tmp_path / "rgb.png"))[..., :3]
+    assert ((px[..., 0] > 0.9) & (px[..., 1] < 0.1) & (px[..., 2] < 0.1)).sum() > 50
+    gray = mpimg.imread(save_grid({"gray": red[:, :1]}, tmp_path / "g.png"))[..., :3]
+    assert not ((gray[..., 0] > 0.9) & (gray[..., 1] < 0.1)).any()  # one channel: grayscale
+    with pytest.raises(EvaluationError, match="4 channels cannot be drawn"):
+        save_grid({"latents": torch.zeros(2, 4, 8, 8)}, tmp_path / "l.png")

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import torch
 
+from ..errors import EvaluationError
 from ..io import atomic_write
 
 _COLS = [  # (key, header, format)
@@ -54,10 +55,17 @@ def save_grid(grid: dict[str, torch.Tensor], path: "str | Path") -> Path:
 
     names = list(grid)
     n = min(len(v) for v in grid.values())
+    channels = next(iter(grid.values())).shape[1]
+    if channels not in (1, 3):  # e.g. 4-channel latents: a picture of them would mislead
+        raise EvaluationError(f"images with {channels} channels cannot be drawn as a grid (1: grayscale, 3: RGB);"
+                              " latents need their VAE's decoder first")
     fig, axes = plt.subplots(len(names), 1, figsize=(n * 0.55 + 1.2, len(names) * 0.75 + 0.3), squeeze=False)
     for ax, name in zip(axes[:, 0], names, strict=True):
-        row = torch.cat(list(grid[name][:n, 0].clamp(-1, 1)), dim=1)  # [28, n*28]
-        ax.imshow(row.numpy(), cmap="gray", vmin=-1, vmax=1, interpolation="nearest")
+        row = torch.cat(list(grid[name][:n].float().clamp(-1, 1)), dim=2)  # [C, H, n*W]
+        if channels == 1:
+            ax.imshow(row[0].numpy(), cmap="gray", vmin=-1, vmax=1, interpolation="nearest")
+        else:
+            ax.imshow(((row.permute(1, 2, 0) + 1) / 2).numpy(), interpolation="nearest")
         ax.set_yticks([])
         ax.set_xticks([])
         ax.set_ylabel(name, rotation=0, ha="right", va="center", fontsize=9)
