@@ -155,9 +155,10 @@ def _checkpoint_model(checkpoint: str | None, compute: str = "auto", dtype: str 
     else:
         meta = read_metadata(checkpoint)
         if bundled_only and meta.get("user.model", BUNDLED) != BUNDLED:
-            raise EvaluationError(f"{checkpoint} is a checkpoint of another model than the bundled one; lowbit evaluate"
-                                  " scores the bundled Fashion-MNIST model only (its metrics live in that feature"
-                                  f" space): look at this one with lowbit sample --checkpoint {checkpoint}")
+            raise EvaluationError(f"{checkpoint} is a checkpoint of another model than the bundled one; pass the folder"
+                                  " it was quantized from as --model DIR (PSNR/SSIM to its images; FID* needs"
+                                  " Fashion-MNIST features), or look at it with lowbit sample --checkpoint"
+                                  f" {checkpoint}")
         if "user.model" not in meta and "user.builtin_model" not in meta:
             fresh, schedule, shape = build_from_metadata({"user.model": BUNDLED})  # demo checkpoints before it was stored
         else:
@@ -196,6 +197,8 @@ def _cmd_evaluate(args: argparse.Namespace) -> None:
 
     proto = get_protocol(args.protocol).with_(num_samples=args.samples, steps=args.steps, seeds=args.seeds,
                                               sampler=args.sampler)
+    if args.model is not None:
+        return _evaluate_folder(args, proto)
     models = {"fp32": _bundled_with(None)}
     sizes = {}
     for ck in args.checkpoints:
@@ -204,6 +207,40 @@ def _cmd_evaluate(args: argparse.Namespace) -> None:
         sizes[name] = Path(ck).stat().st_size
     results = evaluate(models, FMNIST_SCHEDULER_CONFIG, proto, sizes=sizes, progress=not args.quiet,
                        save_features=args.out if args.save_features else None)
+    files = write_results(results, args.out)
+    print(markdown_table(results))
+    print(f"\nwrote {', '.join(str(p) for p in files.values())}")
+
+
+def _evaluate_folder(args: argparse.Namespace, proto) -> None:
+    """``lowbit evaluate --model DIR ckpt...``: a user's diffusers UNet2DModel and checkpoints of
+    it, scored by the metrics that need no feature extractor (PSNR/SSIM to FP, same seeds)."""
+    from diffusers import UNet2DModel
+
+    from .evaluate.output import markdown_table, write_results
+    from .evaluate.run import evaluate
+    from .evaluate.runner import DTYPES, sampling_model
+    from .zoo.local import BUNDLED, open_diffusion_model
+
+    if args.model == BUNDLED:
+        raise EvaluationError("the bundled model is evaluated without --model (with FID* and the rest)")
+    if args.save_features:
+        raise EvaluationError("--save-features needs the Fashion-MNIST feature extractor; drop it with --model")
+    if args.dtype != "float32" and args.compute == "emulated":
+        raise EvaluationError("--dtype bfloat16 applies to native kernels only; drop it or use --compute auto")
+    dm = open_diffusion_model(args.model)
+    for note in dm.notes:
+        print(f"note: {note}")
+    config = {k: v for k, v in dm.model.config.items() if not k.startswith("_")}
+    models, sizes = {"fp32": dm.model}, {"fp32": fp32_safetensors_bytes(dm.model)}
+    for ck in args.checkpoints:
+        with torch.device("meta"):
+            fresh = UNet2DModel.from_config(config)  # load() checks the checkpoint fits this model
+        q = load(ck, fresh, compute=args.compute, dtype=DTYPES[args.dtype])
+        name = Path(ck).stem + _fast_suffix(args)
+        models[name], sizes[name] = sampling_model(q, args.dtype, args.compile), Path(ck).stat().st_size
+    results = evaluate(models, dm.scheduler_config, proto, sizes=sizes, progress=not args.quiet, shape=dm.shape,
+                       features=False)
     files = write_results(results, args.out)
     print(markdown_table(results))
     print(f"\nwrote {', '.join(str(p) for p in files.values())}")
@@ -308,7 +345,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--quiet", action="store_true", help="no progress bars")
     s.set_defaults(fn=_cmd_demo)
     s = sub.add_parser("evaluate", help="evaluate the bundled FP model and quantized checkpoints of it")
-    s.add_argument("checkpoints", nargs="*", help="lowbit checkpoints of the bundled UNet")
+    s.add_argument("checkpoints", nargs="*", help="lowbit checkpoints of the bundled UNet (or of --model)")
+    s.add_argument("--model", metavar="DIR", help="a local diffusers UNet2DModel/pipeline folder: evaluate checkpoints of"
+                   " it against it (PSNR/SSIM to its same-seed images; FID* needs lowbit's Fashion-MNIST features,"
+                   " so only the bundled model gets it)")
     s.add_argument("--protocol", default="quick", help="quick (default) or full; see docs/evaluation.md")
     s.add_argument("--samples", type=int, help="override the protocol's sample count")
     s.add_argument("--steps", type=int, help="override the protocol's sampler steps")

@@ -139,3 +139,29 @@ def test_a_loaded_checkpoint_drops_into_a_diffusers_pipeline(pipeline_dir, tmp_p
     # from the emulated model (a code flipped at a tie); measured 47 dB, where its W8A8 ε prediction
     # against FP is 27 dB (`lowbit quantize` on this toy)
     assert float(sqnr_db(images[1], images[0])) > 40
+
+
+def test_cli_evaluate_a_folder_without_features(pipeline_dir, tmp_path, capsys):
+    """`lowbit evaluate --model DIR`: PSNR/SSIM to the folder's own FP images, and a table that
+    says why FID* is absent; results.json carries no feature space."""
+    ckpt = tmp_path / "q.safetensors"
+    assert main(["quantize", "--model", str(pipeline_dir), "--recipe", "w8a8", "--calib-samples", "2",
+                 "--calib-steps", "3", "--out", str(ckpt), "--quiet"]) == 0
+    capsys.readouterr()
+    out_dir = tmp_path / "ev"
+    assert main(["evaluate", "--model", str(pipeline_dir), str(ckpt), "--samples", "4", "--steps", "2",
+                 "--out", str(out_dir), "--quiet"]) == 0
+    out = capsys.readouterr().out
+    assert "| model | PSNR dB | SSIM |" in out and "FID*, KID*, precision, recall and IS* need a feature" in out
+    res = json.loads((out_dir / "results.json").read_text())
+    m = res["models"]["q"]
+    assert res["feature_space"] is None and "fid" not in m and 10 < m["psnr"] < 100 and 0 < m["ssim"] <= 1
+    assert (out_dir / "grid.png").is_file() and not (out_dir / "bars.png").exists()
+    # a checkpoint of another model is refused by load's architecture check, in one line
+    other = tmp_path / "fm.safetensors"
+    assert main(["quantize", "--model", "fmnist-unet", "--recipe", "w8a8", "--calib-samples", "2",
+                 "--calib-steps", "2", "--out", str(other), "--quiet"]) == 0
+    capsys.readouterr()
+    assert main(["evaluate", "--model", str(pipeline_dir), str(other), "--samples", "4", "--quiet"]) == 2
+    assert "does not fit this model" in capsys.readouterr().err
+    assert main(["evaluate", "--model", str(pipeline_dir), "--save-features", "--quiet"]) == 2

@@ -30,18 +30,25 @@ def markdown_table(results: dict) -> str:
     """The results as a Markdown table with the protocol and noise floors underneath."""
     p = results["protocol"]
     seeds = len(p["seeds"])
-    head = ["model"] + [h for _, h, _ in _COLS] + ["checkpoint B", "sampling s"]
+    cols = _COLS if results.get("feature_space") is not None else [c for c in _COLS if c[0] in ("psnr", "ssim")]
+    head = ["model"] + [h for _, h, _ in cols] + ["checkpoint B", "sampling s"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for name, m in results["models"].items():
-        row = [name] + [_cell(m, k, f, seeds) for k, _, f in _COLS]
+        row = [name] + [_cell(m, k, f, seeds) for k, _, f in cols]
         row += [f"{m['bytes']:,}" if "bytes" in m else "–", f"{m['sample_seconds']:.0f}"]
         lines.append("| " + " | ".join(row) + " |")
+    proto = (f"Protocol `{p['name']}`: {p['sampler'].upper()} {p['steps']} steps, {p['num_samples']:,} samples × "
+             f"{seeds} seed(s) {list(p['seeds'])}.")
+    if results.get("feature_space") is None:  # a model of other data: no feature extractor for it
+        lines += ["", f"{proto} PSNR and SSIM compare with the FP model's same-seed images. FID*, KID*, precision,"
+                      " recall and IS* need a feature extractor for the model's data; lowbit ships one for"
+                      " Fashion-MNIST only, so they are not computed."]
+        return "\n".join(lines)
     fl = results["noise_floor"]
     floor = f"test-set split-half FID* {fl['test_split_half_fid']:.2f}"
     if "fp_seed_to_seed_fid" in fl:
         floor += f"; FP seed-to-seed FID* {fl['fp_seed_to_seed_fid']:.2f}; FP FID* seed std {fl['fp_fid_seed_std']:.2f}"
-    lines += ["", f"Protocol `{p['name']}`: {p['sampler'].upper()} {p['steps']} steps, {p['num_samples']:,} samples × "
-                  f"{seeds} seed(s) {list(p['seeds'])}. *FID/KID/IS in {results['feature_space']}. "
+    lines += ["", f"{proto} *FID/KID/IS in {results['feature_space']}. "
                   f"FID*-to-FP, PSNR and SSIM compare with the FP model's same-seed images. Noise floor: {floor}."]
     return "\n".join(lines)
 
@@ -104,13 +111,15 @@ def save_bars(results: dict, path: "str | Path") -> Path:
 
 
 def write_results(results: dict, out_dir: "str | Path") -> dict[str, Path]:
-    """Write results.json, results.md, grid.png and bars.png into ``out_dir``."""
+    """Write results.json, results.md, grid.png and (with FID*s) bars.png into ``out_dir``."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     clean = {k: v for k, v in results.items() if not k.startswith("_")}
     atomic_write(out / "results.json", (json.dumps(clean, indent=2) + "\n").encode())
     atomic_write(out / "results.md", (markdown_table(results) + "\n").encode())
-    files = {"json": out / "results.json", "markdown": out / "results.md", "bars": save_bars(results, out / "bars.png")}
+    files = {"json": out / "results.json", "markdown": out / "results.md"}
+    if results.get("feature_space") is not None:  # the bars are FID*s
+        files["bars"] = save_bars(results, out / "bars.png")
     if results.get("_grid"):
         files["grid"] = save_grid(results["_grid"], out / "grid.png")
     return files

@@ -49,23 +49,30 @@ def split_half_fid(ref_feats: torch.Tensor, n: int, seed: int = 0) -> float:
 
 def evaluate(models: dict[str, nn.Module], scheduler_config: dict, protocol: "str | Protocol" = "quick", *,
              fp_name: str | None = None, sizes: dict[str, int] | None = None, progress: bool = True,
-             save_features: "str | Path | None" = None) -> dict:
+             save_features: "str | Path | None" = None, shape: tuple[int, ...] = (1, 28, 28),
+             features: bool = True) -> dict:
     """Evaluate ``models`` (name → UNet) under ``protocol``; ``fp_name`` (default: the first
     model) is the full-precision reference for FID-to-FP, PSNR and SSIM. ``sizes`` adds
     checkpoint bytes to the results. Returns a JSON-ready dict; grid images are under
     ``result["_grid"]`` (tensors, not written to JSON). ``save_features`` (a folder) also writes
     the FP model's sample features of each seed, so that seeds run in separate processes can be
-    combined by :func:`seed_spread`."""
+    combined by :func:`seed_spread`.
+
+    ``shape`` is one sample's (C, H, W). ``features=False`` is for models of other data than
+    Fashion-MNIST, for which lowbit has no feature extractor: only the metrics that need none
+    are computed (PSNR and SSIM against the FP model's images from the same seeds, sampling
+    time), and the results say so."""
     proto = get_protocol(protocol)
     if not models:
         raise EvaluationError("no models to evaluate: pass at least the FP model")
     fp_name = fp_name or next(iter(models))
     if fp_name not in models:
         raise EvaluationError(f"FP reference {fp_name!r} is not among the models {list(models)}")
-    clf, ref = load_classifier(), load_reference()
-    ref_feats = ref["features"].float()
-    ref_mu, ref_sigma = ref["mean"].double().numpy(), ref["cov"].double().numpy()
-    real = _real_subset(ref_feats, proto.num_samples)
+    if features:
+        clf, ref = load_classifier(), load_reference()
+        ref_feats = ref["features"].float()
+        ref_mu, ref_sigma = ref["mean"].double().numpy(), ref["cov"].double().numpy()
+        real = _real_subset(ref_feats, proto.num_samples)
     order = [fp_name] + [n for n in models if n != fp_name]
     per: dict[str, dict[str, list]] = {n: {} for n in order}
     fp_seed_feats: list[torch.Tensor] = []
@@ -76,33 +83,39 @@ def evaluate(models: dict[str, nn.Module], scheduler_config: dict, protocol: "st
             t0 = time.perf_counter()
             imgs = sample(models[name], scheduler_config, n=proto.num_samples, seed=seed, sampler=proto.sampler,
                           steps=proto.steps, batch_size=proto.batch_size, progress=progress,
-                          desc=f"{name} seed {seed}")
+                          desc=f"{name} seed {seed}", shape=shape)
             secs = time.perf_counter() - t0
-            feats, logits = extract(imgs, clf)
             r = per[name]
-            # against the shipped float64 test statistics (computed from fp32 features)
-            r.setdefault("fid", []).append(M.frechet_distance(*M.gaussian_stats(feats), ref_mu, ref_sigma))
-            r.setdefault("kid", []).append(M.kid(feats, real)[0])
-            p, rc = M.precision_recall(real, feats, k=3)
-            r.setdefault("precision", []).append(p)
-            r.setdefault("recall", []).append(rc)
-            r.setdefault("inception_score", []).append(M.inception_score(logits, splits=min(10, len(logits)))[0])
-            r.setdefault("class_hist", []).append(M.class_histogram(logits).tolist())
             r.setdefault("sample_seconds", []).append(secs)
+            feats = None
+            if features:
+                feats, logits = extract(imgs, clf)
+                # against the shipped float64 test statistics (computed from fp32 features)
+                r.setdefault("fid", []).append(M.frechet_distance(*M.gaussian_stats(feats), ref_mu, ref_sigma))
+                r.setdefault("kid", []).append(M.kid(feats, real)[0])
+                p, rc = M.precision_recall(real, feats, k=3)
+                r.setdefault("precision", []).append(p)
+                r.setdefault("recall", []).append(rc)
+                r.setdefault("inception_score", []).append(M.inception_score(logits, splits=min(10, len(logits)))[0])
+                r.setdefault("class_hist", []).append(M.class_histogram(logits).tolist())
             if name == fp_name:
                 fp_imgs, fp_feats = imgs, feats
-                fp_seed_feats.append(feats)
-                if save_features is not None:
+                if features:
+                    fp_seed_feats.append(feats)
+                if save_features is not None and features:
                     _save_features(Path(save_features) / f"{name}-seed{seed}.features.safetensors", feats, proto, seed)
             else:
-                r.setdefault("fid_to_fp", []).append(M.fid(feats, fp_feats))
+                if features:
+                    r.setdefault("fid_to_fp", []).append(M.fid(feats, fp_feats))
                 r.setdefault("psnr", []).append(float(M.psnr(imgs, fp_imgs).clamp(max=100).mean()))
                 r.setdefault("ssim", []).append(float(M.ssim(imgs, fp_imgs).mean()))
             if seed == proto.seeds[0]:
                 grid[name] = imgs[: proto.grid_samples].clone()
-    results: dict = {"protocol": proto.to_dict(), "feature_space": FEATURE_SPACE, "fp_model": fp_name,
-                     "reference": {k: v for k, v in ref["metadata"].items() if k in ("test_accuracy", "classifier_sha256")},
-                     "models": {}}
+    results: dict = {"protocol": proto.to_dict(), "feature_space": FEATURE_SPACE if features else None,
+                     "fp_model": fp_name}
+    if features:
+        results["reference"] = {k: v for k, v in ref["metadata"].items() if k in ("test_accuracy", "classifier_sha256")}
+    results["models"] = {}
     for name in order:
         out = {}
         for key, vals in per[name].items():
@@ -114,12 +127,14 @@ def evaluate(models: dict[str, nn.Module], scheduler_config: dict, protocol: "st
         if sizes and name in sizes:
             out["bytes"] = sizes[name]
         results["models"][name] = out
+    results["_grid"] = grid
+    if not features:
+        return results
     floors = {"test_split_half_fid": split_half_fid(ref_feats, proto.num_samples)}
     if len(fp_seed_feats) > 1:
         floors["fp_seed_to_seed_fid"] = M.fid(fp_seed_feats[0], fp_seed_feats[1])
         floors["fp_fid_seed_std"] = results["models"][fp_name]["fid_std"]
     results["noise_floor"] = floors
-    results["_grid"] = grid
     return results
 
 
