@@ -165,3 +165,17 @@ def test_cli_evaluate_a_folder_without_features(pipeline_dir, tmp_path, capsys):
     assert main(["evaluate", "--model", str(pipeline_dir), str(other), "--samples", "4", "--quiet"]) == 2
     assert "does not fit this model" in capsys.readouterr().err
     assert main(["evaluate", "--model", str(pipeline_dir), "--save-features", "--quiet"]) == 2
+
+
+def test_class_conditional_unet_and_ve_schedule_are_refused(tmp_path):
+    d = tmp_path / "cls"
+    d.mkdir()
+    (d / "config.json").write_text(json.dumps({"_class_name": "UNet2DModel", "sample_size": 8, "num_class_embeds": 10}))
+    with pytest.raises(PlanError, match="class-conditional UNet2DModel"):
+        open_diffusion_model(str(d))
+    torch.manual_seed(0)
+    UNet2DModel(**TOY_UNET_CONFIG).save_pretrained(tmp_path / "ve")
+    (tmp_path / "ve" / "scheduler_config.json").write_text(json.dumps(
+        {"_class_name": "ScoreSdeVeScheduler", "sigma_min": 0.01, "sigma_max": 1348.0}))
+    with pytest.raises(PlanError, match="ScoreSdeVeScheduler without a beta schedule"):
+        open_diffusion_model(str(tmp_path / "ve"))

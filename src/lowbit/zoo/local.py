@@ -104,6 +104,10 @@ def _open_folder(path: Path) -> DiffusionModel:
         raise PlanError(f"{folder} holds a {cls}; the command line calibrates unconditional UNet2DModel only"
                         " (a conditional UNet needs prompt embeddings: quantize it from Python with your own"
                         " calibration inputs, README 'Use it from Python')")
+    if config.get("num_class_embeds") is not None or config.get("class_embed_type") is not None:
+        raise PlanError(f"{folder} holds a class-conditional UNet2DModel (it needs class labels); the command line"
+                        " calibrates unconditional models only: quantize it from Python with calibration inputs"
+                        " that carry class_labels")
     if not any(folder.glob("*.safetensors")):
         raise PlanError(f"{folder} has no .safetensors weights (lowbit never unpickles .bin files); convert them:"
                         " UNet2DModel.from_pretrained(dir).save_pretrained(dir, safe_serialization=True)")
@@ -119,7 +123,12 @@ def _open_folder(path: Path) -> DiffusionModel:
         schedule = dict(DEFAULT_SCHEDULE)
         notes.append(f"no scheduler_config.json beside {folder}: assuming DDPM's linear schedule {schedule}")
     else:
-        schedule = _schedule(_read_json(sched_path, "scheduler config"))
+        raw = _read_json(sched_path, "scheduler config")
+        if "beta_schedule" not in raw and raw.get("trained_betas") is None:
+            raise PlanError(f"{sched_path} is a {raw.get('_class_name', 'scheduler')} without a beta schedule;"
+                            " lowbit samples with DDIM/DPM-Solver++, which need a variance-preserving (DDPM-type)"
+                            " schedule")
+        schedule = _schedule(raw)
     arch_config = {k: v for k, v in model.config.items() if not k.startswith("_")}
     meta = {"model": "diffusers:UNet2DModel", "diffusers_config": json.dumps(arch_config),
             "scheduler_config": json.dumps(schedule)}
