@@ -8,7 +8,6 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
-import time
 from pathlib import Path
 
 # diffusers imports torchao where it is installed (the bench extra); torchao then logs a warning
@@ -20,13 +19,12 @@ for _noisy in ("torchao", "torch.utils._pytree", "diffusers.quantizers.torchao")
 
 import torch  # noqa: E402 (after the logger levels)
 
+from . import _cli_models as M
 from . import formats as F
 from .errors import EvaluationError, LowbitError
-from .io import fp32_safetensors_bytes, load, save
+from .io import fp32_safetensors_bytes, load
 from .kernels.select import PATHS
-from .nn import sqnr_db
-from .plan import RECIPES, recipe
-from .quantize import quantize
+from .plan import RECIPES
 from .report import format_report, report, report_checkpoint
 from .zoo import toy
 
@@ -44,85 +42,17 @@ def _cmd_recipes(args: argparse.Namespace) -> None:
         print(f"{name:<9} {doc}")
 
 
-def _quantize_builtin(model_name: str, recipe_name: str, out: Path, calib_batches: int, seed: int,
-                      progress: bool) -> dict:
-    """Quantize a built-in model, save it, reload it, and measure what matters."""
-    model = toy.build(model_name, seed)
-    fp_bytes = fp32_safetensors_bytes(model)
-    held_out = toy.example_inputs(model_name, 2, seed=seed + 1000)
-    with torch.no_grad():
-        ref = [toy.run(model, x) for x in held_out]
-    t0 = time.perf_counter()
-    quantize(model, recipe(recipe_name), toy.example_inputs(model_name, calib_batches, seed=seed + 1), progress=progress)
-    secs = time.perf_counter() - t0
-    save(model, out, metadata={"builtin_model": model_name, "seed": str(seed)})
-    with torch.device("meta"):
-        fresh = toy.build(model_name, seed)
-    reloaded = load(out, fresh, compute="emulated")  # bit-identity is a property of the codes
-    with torch.no_grad():
-        outs = [toy.run(model, x) for x in held_out]
-        outs2 = [toy.run(reloaded, x) for x in held_out]
-    return dict(model=model, recipe=recipe_name, path=out, seconds=secs, fp32_bytes=fp_bytes,
-                bytes=out.stat().st_size, sqnr=sqnr_db(torch.cat(ref), torch.cat(outs)),
-                identical=all(torch.equal(a, b) for a, b in zip(outs, outs2)))
-
-
-def _summary(rows: list[dict]) -> str:
-    lines = [f"{'recipe':<9} {'checkpoint B':>13} {'vs fp32':>8} {'output SQNR dB':>15} {'reload identical':>17} {'quantize s':>11}"]
-    for r in rows:
-        lines.append(f"{r['recipe']:<9} {r['bytes']:>13,} {r['bytes'] / r['fp32_bytes']:>7.3f}x {r['sqnr']:>15.1f}"
-                     f" {str(r['identical']):>17} {r['seconds']:>11.2f}")
-    return "\n".join(lines)
-
-
-def _quantize_diffusion(spec: str, recipe_name: str, out: Path | None, calib_samples: int, calib_steps: int,
-                        seed: int, progress: bool) -> dict:
-    """Quantize a diffusion UNet (the bundled one or a local diffusers folder) on inputs recorded
-    along its own DDIM trajectory, save it, reload it from the file alone, and measure the ε
-    prediction against FP on a held-out trajectory (another seed)."""
-    from .evaluate.sampling import trajectory_inputs
-    from .zoo.local import open_diffusion_model
-
-    if calib_samples <= 0 or calib_steps <= 0:
-        raise EvaluationError("--calib-samples and --calib-steps must be positive")
-    dm = open_diffusion_model(spec)
-    for note in dm.notes:
-        print(f"note: {note}")
-    model = dm.model
-    fp_bytes = fp32_safetensors_bytes(model)
-    kw = dict(shape=dm.shape, steps=calib_steps, progress=progress)
-    calib = trajectory_inputs(model, dm.scheduler_config, n=calib_samples, seed=12345 + seed, **kw)
-    held_out = trajectory_inputs(model, dm.scheduler_config, n=min(4, calib_samples), seed=54321 + seed, **kw)
-    held_out = held_out[:: max(1, len(held_out) // 5)]  # ~5 timesteps spread over the trajectory
-
-    def eps(m, batches):
-        with torch.no_grad():
-            return [m(x, t).sample for x, t in batches]
-
-    ref = eps(model, held_out)
-    t0 = time.perf_counter()
-    quantize(model, recipe(recipe_name), calib, progress=progress)
-    secs = time.perf_counter() - t0
-    out = out or Path(f"runs/{dm.name}-{recipe_name}.safetensors")
-    save(model, out, metadata=dm.metadata)
-    reloaded = load(out, compute="emulated")  # rebuilt from the checkpoint's own metadata
-    outs, outs2 = eps(model, held_out), eps(reloaded, held_out)
-    return dict(model=model, recipe=recipe_name, path=out, seconds=secs, fp32_bytes=fp_bytes,
-                bytes=out.stat().st_size, sqnr=sqnr_db(torch.cat(ref), torch.cat(outs)),
-                identical=all(torch.equal(a, b) for a, b in zip(outs, outs2)), diffusion=True)
-
-
 def _cmd_quantize(args: argparse.Namespace) -> None:
     if args.model in toy.BUILTIN:
         out = Path(args.out or f"runs/{args.model}-{args.recipe}.safetensors")
-        r = _quantize_builtin(args.model, args.recipe, out, args.calib_batches, args.seed, not args.quiet)
+        r = M.quantize_builtin(args.model, args.recipe, out, args.calib_batches, args.seed, not args.quiet)
     else:
-        r = _quantize_diffusion(args.model, args.recipe, Path(args.out) if args.out else None, args.calib_samples,
+        r = M.quantize_diffusion(args.model, args.recipe, Path(args.out) if args.out else None, args.calib_samples,
                                 args.calib_steps, args.seed, not args.quiet)
     if not args.quiet:
         print(format_report(report(r["model"]), max_rows=args.max_rows))
     print(f"\nfp32 safetensors: {r['fp32_bytes']:,} B")
-    print(_summary([r]))
+    print(M.summary([r]))
     print(f"saved {r['path']}")
     if r.get("diffusion"):
         print(f"sample from it: lowbit sample --checkpoint {r['path']} --out {Path(r['path']).with_suffix('.png')}")
@@ -136,45 +66,6 @@ def _cmd_demo(args: argparse.Namespace) -> None:
     from .demo import run_demo
 
     run_demo(args.out, tuple(args.recipes), args.protocol, args.samples, args.steps, progress=not args.quiet)
-
-
-def _checkpoint_model(checkpoint: str | None, compute: str = "auto", dtype: str = "float32",
-                      compile: bool = False, bundled_only: bool = False) -> tuple[torch.nn.Module, dict, tuple]:
-    """(model, noise schedule, sample shape) for the samplers: the bundled FP UNet, or a
-    checkpoint's model rebuilt from its own metadata; in ``dtype`` between the quantized layers
-    and, with ``compile``, under torch.compile (:mod:`lowbit.evaluate.runner`)."""
-    from .evaluate.runner import DTYPES, sampling_model
-    from .io import read_metadata
-    from .zoo.fmnist_unet import FMNIST_SCHEDULER_CONFIG, load_fmnist_unet
-    from .zoo.local import BUNDLED, build_from_metadata
-
-    if dtype != "float32" and compute == "emulated":
-        raise EvaluationError("--dtype bfloat16 applies to native kernels only; drop it or use --compute auto")
-    if checkpoint is None:
-        model, schedule, shape = load_fmnist_unet().to(DTYPES[dtype]), dict(FMNIST_SCHEDULER_CONFIG), (1, 28, 28)
-    else:
-        meta = read_metadata(checkpoint)
-        if bundled_only and meta.get("user.model", BUNDLED) != BUNDLED:
-            raise EvaluationError(f"{checkpoint} is a checkpoint of another model than the bundled one; pass the folder"
-                                  " it was quantized from as --model DIR (PSNR/SSIM to its images; FID* needs"
-                                  " Fashion-MNIST features), or look at it with lowbit sample --checkpoint"
-                                  f" {checkpoint}")
-        if "user.model" not in meta and "user.builtin_model" not in meta:
-            fresh, schedule, shape = build_from_metadata({"user.model": BUNDLED})  # demo checkpoints before it was stored
-        else:
-            fresh, schedule, shape = build_from_metadata(meta)
-        if schedule is None:
-            raise EvaluationError(f"{checkpoint} is a checkpoint of {meta.get('user.builtin_model')}, which is not a"
-                                  " trained diffusion model: nothing to sample; quantize fmnist-unet or a diffusers"
-                                  " UNet2DModel folder")
-        model = load(checkpoint, fresh, compute=compute, dtype=DTYPES[dtype])
-    return sampling_model(model, dtype, compile), schedule, shape
-
-
-def _bundled_with(checkpoint: str | None, compute: str = "auto", dtype: str = "float32",
-                  compile: bool = False) -> torch.nn.Module:
-    """The bundled UNet (or a checkpoint of it) ready for the samplers (see _checkpoint_model)."""
-    return _checkpoint_model(checkpoint, compute, dtype, compile, bundled_only=True)[0]
 
 
 def _fast_suffix(args: argparse.Namespace) -> str:
@@ -199,11 +90,11 @@ def _cmd_evaluate(args: argparse.Namespace) -> None:
                                               sampler=args.sampler)
     if args.model is not None:
         return _evaluate_folder(args, proto)
-    models = {"fp32": _bundled_with(None)}
+    models = {"fp32": M.bundled_with(None)}
     sizes = {}
     for ck in args.checkpoints:
         name = Path(ck).stem + _fast_suffix(args)
-        models[name] = _bundled_with(ck, args.compute, args.dtype, args.compile)
+        models[name] = M.bundled_with(ck, args.compute, args.dtype, args.compile)
         sizes[name] = Path(ck).stat().st_size
     results = evaluate(models, FMNIST_SCHEDULER_CONFIG, proto, sizes=sizes, progress=not args.quiet,
                        save_features=args.out if args.save_features else None)
@@ -287,7 +178,7 @@ def _cmd_sample(args: argparse.Namespace) -> None:
     from .evaluate.output import save_grid
     from .evaluate.sampling import sample
 
-    model, schedule, shape = _checkpoint_model(args.checkpoint, dtype=args.dtype, compile=args.compile)
+    model, schedule, shape = M.checkpoint_model(args.checkpoint, dtype=args.dtype, compile=args.compile)
     imgs = sample(model, schedule, n=args.n, seed=args.seed, sampler=args.sampler, steps=args.steps, shape=shape,
                   progress=not args.quiet)
     rows = {f"seed {args.seed} [{i}:{i + args.per_row}]": imgs[i:i + args.per_row] for i in range(0, args.n, args.per_row)}
