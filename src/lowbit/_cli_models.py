@@ -19,8 +19,14 @@ from .quantize import quantize
 from .zoo import toy
 
 
+def check_dtype(compute: str, dtype: str) -> None:
+    """bf16 between layers is a property of the native kernels: refuse it with emulated compute."""
+    if dtype != "float32" and compute == "emulated":
+        raise EvaluationError("--dtype bfloat16 applies to native kernels only; drop it or use --compute auto")
+
+
 def quantize_builtin(model_name: str, recipe_name: str, out: Path, calib_batches: int, seed: int,
-                      progress: bool) -> dict:
+                     progress: bool) -> dict:
     """Quantize a built-in model, save it, reload it, and measure what matters."""
     model = toy.build(model_name, seed)
     fp_bytes = fp32_safetensors_bytes(model)
@@ -43,6 +49,7 @@ def quantize_builtin(model_name: str, recipe_name: str, out: Path, calib_batches
 
 
 def summary(rows: list[dict]) -> str:
+    """The one-line-per-recipe table `lowbit quantize` prints under the per-layer report."""
     lines = [f"{'recipe':<9} {'checkpoint B':>13} {'vs fp32':>8} {'output SQNR dB':>15} {'reload identical':>17} {'quantize s':>11}"]
     for r in rows:
         lines.append(f"{r['recipe']:<9} {r['bytes']:>13,} {r['bytes'] / r['fp32_bytes']:>7.3f}x {r['sqnr']:>15.1f}"
@@ -51,7 +58,7 @@ def summary(rows: list[dict]) -> str:
 
 
 def quantize_diffusion(spec: str, recipe_name: str, out: Path | None, calib_samples: int, calib_steps: int,
-                        seed: int, progress: bool) -> dict:
+                       seed: int, progress: bool) -> dict:
     """Quantize a diffusion UNet (the bundled one or a local diffusers folder) on inputs recorded
     along its own DDIM trajectory, save it, reload it from the file alone, and measure the ε
     prediction against FP on a held-out trajectory (another seed)."""
@@ -88,7 +95,7 @@ def quantize_diffusion(spec: str, recipe_name: str, out: Path | None, calib_samp
 
 
 def checkpoint_model(checkpoint: str | None, compute: str = "auto", dtype: str = "float32",
-                      compile: bool = False, bundled_only: bool = False) -> tuple[torch.nn.Module, dict, tuple]:
+                     compile: bool = False, bundled_only: bool = False) -> tuple[torch.nn.Module, dict, tuple]:
     """(model, noise schedule, sample shape) for the samplers: the bundled FP UNet, or a
     checkpoint's model rebuilt from its own metadata; in ``dtype`` between the quantized layers
     and, with ``compile``, under torch.compile (:mod:`lowbit.evaluate.runner`)."""
@@ -97,8 +104,7 @@ def checkpoint_model(checkpoint: str | None, compute: str = "auto", dtype: str =
     from .zoo.fmnist_unet import FMNIST_SCHEDULER_CONFIG, load_fmnist_unet
     from .zoo.local import BUNDLED, build_from_metadata
 
-    if dtype != "float32" and compute == "emulated":
-        raise EvaluationError("--dtype bfloat16 applies to native kernels only; drop it or use --compute auto")
+    check_dtype(compute, dtype)
     if checkpoint is None:
         model, schedule, shape = load_fmnist_unet().to(DTYPES[dtype]), dict(FMNIST_SCHEDULER_CONFIG), (1, 28, 28)
     else:
@@ -121,6 +127,6 @@ def checkpoint_model(checkpoint: str | None, compute: str = "auto", dtype: str =
 
 
 def bundled_with(checkpoint: str | None, compute: str = "auto", dtype: str = "float32",
-                  compile: bool = False) -> torch.nn.Module:
+                 compile: bool = False) -> torch.nn.Module:
     """The bundled UNet (or a checkpoint of it) ready for the samplers (see checkpoint_model)."""
     return checkpoint_model(checkpoint, compute, dtype, compile, bundled_only=True)[0]

@@ -117,8 +117,7 @@ def _evaluate_folder(args: argparse.Namespace, proto) -> None:
         raise EvaluationError("the bundled model is evaluated without --model (with FID* and the rest)")
     if args.save_features:
         raise EvaluationError("--save-features needs the Fashion-MNIST feature extractor; drop it with --model")
-    if args.dtype != "float32" and args.compute == "emulated":
-        raise EvaluationError("--dtype bfloat16 applies to native kernels only; drop it or use --compute auto")
+    M.check_dtype(args.compute, args.dtype)
     dm = open_diffusion_model(args.model)
     for note in dm.notes:
         print(f"note: {note}")

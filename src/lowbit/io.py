@@ -136,31 +136,39 @@ def save(model: nn.Module, path: "str | Path", *, metadata: dict[str, str] | Non
     return Path(path)
 
 
-def read_safetensors(path: "str | Path", what: str, fix: str) -> tuple[dict[str, str], dict[str, torch.Tensor]]:
+def read_safetensors(path: "str | Path", what: str, fix: str,
+                     tensors: bool = True) -> tuple[dict[str, str], dict[str, torch.Tensor]]:
     """(metadata, tensors) of any safetensors file we ship or write; a missing or unreadable file
-    raises one CheckpointError naming ``what`` it should have been and ``fix``."""
+    raises one CheckpointError naming ``what`` it should have been and ``fix``. ``tensors=False``
+    reads the header only (the tensors dict is then empty)."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{what} not found at {path}; {fix}")
     try:
         with safetensors.safe_open(str(path), framework="pt") as f:
             meta = dict(f.metadata() or {})
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
+            out = {k: f.get_tensor(k) for k in f.keys()} if tensors else {}
     except Exception as e:  # safetensors raises its own error types for damaged headers/offsets
         msg = (str(e).splitlines() or [type(e).__name__])[0][:120]
         raise CheckpointError(f"cannot read {what} {path}: the file is damaged (truncated or not a safetensors"
                               f" file: {msg}); {fix}") from None
-    return meta, tensors
+    return meta, out
 
 
-def read_checkpoint(path: "str | Path") -> tuple[dict[str, str], dict[str, torch.Tensor]]:
-    """Metadata and tensors of a lowbit checkpoint, integrity-checked (no model needed)."""
-    meta, tensors = read_safetensors(path, "lowbit checkpoint",
-                                     "check the path, or re-save it with lowbit.save (it writes .safetensors files)")
+_CKPT_FIX = "check the path, or re-save it with lowbit.save (it writes .safetensors files)"
+
+
+def _check_lowbit(meta: dict[str, str], path: "str | Path") -> None:
     if "lowbit_format" not in meta:
         raise CheckpointError(f"{path} is not a lowbit checkpoint (no lowbit metadata); quantize and save it with lowbit first")
     if meta["lowbit_format"] != FORMAT_VERSION:
         raise CheckpointError(f"{path} has checkpoint format {meta['lowbit_format']!r}; this lowbit reads {FORMAT_VERSION!r}")
+
+
+def read_checkpoint(path: "str | Path") -> tuple[dict[str, str], dict[str, torch.Tensor]]:
+    """Metadata and tensors of a lowbit checkpoint, integrity-checked (no model needed)."""
+    meta, tensors = read_safetensors(path, "lowbit checkpoint", _CKPT_FIX)
+    _check_lowbit(meta, path)
     if meta.get("checksum") != _digest(meta, tensors):
         raise CheckpointError(
             f"{path} was modified or corrupted after saving (checksum mismatch); re-save it from the source model"
@@ -171,18 +179,8 @@ def read_checkpoint(path: "str | Path") -> tuple[dict[str, str], dict[str, torch
 def read_metadata(path: "str | Path") -> dict[str, str]:
     """A lowbit checkpoint's metadata, from the file's header alone (no tensor is read; the
     checksum is checked when the checkpoint is loaded)."""
-    path = Path(path)
-    fix = "check the path, or re-save it with lowbit.save (it writes .safetensors files)"
-    if not path.is_file():
-        raise CheckpointError(f"lowbit checkpoint not found at {path}; {fix}")
-    try:
-        with safetensors.safe_open(str(path), framework="pt") as f:
-            meta = dict(f.metadata() or {})
-    except Exception as e:  # safetensors' own error types for a damaged header
-        msg = (str(e).splitlines() or [type(e).__name__])[0][:120]
-        raise CheckpointError(f"cannot read lowbit checkpoint {path}: the file is damaged ({msg}); {fix}") from None
-    if "lowbit_format" not in meta:
-        raise CheckpointError(f"{path} is not a lowbit checkpoint (no lowbit metadata); quantize and save it with lowbit first")
+    meta, _ = read_safetensors(path, "lowbit checkpoint", _CKPT_FIX, tensors=False)
+    _check_lowbit(meta, path)
     return meta
 
 
