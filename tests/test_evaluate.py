@@ -18,12 +18,14 @@ def fp():
     return load_fmnist_unet()
 
 
-def test_evaluating_twice_gives_identical_numbers(fp):
+def test_evaluating_twice_gives_identical_numbers_with_or_without_warm_up(fp):
     from lowbit import quantize
 
     q = quantize(load_fmnist_unet(), "w8a8", [(torch.randn(6, 1, 28, 28), torch.randint(0, 1000, (6,)))], progress=False)
     a = evaluate({"fp32": fp, "w8a8": q}, FMNIST_SCHEDULER_CONFIG, TINY, progress=False)
-    b = evaluate({"fp32": fp, "w8a8": q}, FMNIST_SCHEDULER_CONFIG, TINY, progress=False)
+    b = evaluate({"fp32": fp, "w8a8": q}, FMNIST_SCHEDULER_CONFIG, TINY, progress=False, warmup=False)
+    assert all(m["warmup_seconds"] > 0 for m in a["models"].values())
+    assert not any("warmup_seconds" in m for m in b["models"].values())
     strip = lambda r: {n: {k: v for k, v in m.items() if "seconds" not in k and k != "images_per_s"}  # noqa: E731
                        for n, m in r["models"].items()}
     assert strip(a) == strip(b)
@@ -60,16 +62,29 @@ def test_evaluate_bad_input(fp):
 def test_demo_end_to_end_writes_every_artifact(tmp_path, capsys):
     from lowbit.demo import run_demo
 
-    res = run_demo(tmp_path, recipes=("w8a8",), num_samples=8, steps=2, calib_samples=4, progress=False)
+    # eager: compiling would add a minute on an empty inductor cache (the compiled sampling path is
+    # tested in test_runner.py); bf16 activations, the demo's default
+    res = run_demo(tmp_path, recipes=("w8a8",), num_samples=8, steps=2, calib_samples=4, progress=False,
+                   compile=False)
     for f in ("results.json", "results.md", "grid.png", "bars.png", "report-w8a8.txt", "fmnist-unet-w8a8.safetensors"):
         assert (tmp_path / f).is_file(), f
     saved = json.loads((tmp_path / "results.json").read_text())
     assert saved["models"]["w8a8"]["bytes"] < 0.35 * saved["models"]["fp32"]["bytes"]
     assert set(res["models"]) == {"fp32", "w8a8"}
     out = capsys.readouterr().out
-    assert "| w8a8 |" in out and "FID*" in out
-    hint = f"lowbit evaluate {tmp_path / 'fmnist-unet-w8a8.safetensors'} --dtype bfloat16 --compile"
+    assert "| w8a8 |" in out and "FID*" in out and "speed × FP" in out
+    assert "w8a8: native int8, bf16 between layers, eager" in out and "fp32: float32 eager" in out
+    assert saved["models"]["w8a8"]["run"] == "native int8, bf16 between layers, eager"
+    assert "fp32 " in out.split("warm-up step per model")[1]  # the warm-up seconds are listed
+    hint = f"lowbit evaluate {tmp_path / 'fmnist-unet-w8a8.safetensors'} --compute emulated"
     assert hint in out  # the printed command names the checkpoint the demo wrote
+
+
+def test_demo_rejects_an_unknown_activation_dtype(tmp_path):
+    from lowbit.demo import run_demo
+
+    with pytest.raises(EvaluationError, match="unknown activation dtype 'fp16'"):
+        run_demo(tmp_path, recipes=("w8a8",), num_samples=8, steps=2, calib_samples=4, progress=False, dtype="fp16")
 
 
 def test_seed_spread_combines_single_seed_feature_files(tmp_path):

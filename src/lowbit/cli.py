@@ -65,7 +65,8 @@ def _cmd_report(args: argparse.Namespace) -> None:
 def _cmd_demo(args: argparse.Namespace) -> None:
     from .demo import run_demo
 
-    run_demo(args.out, tuple(args.recipes), args.protocol, args.samples, args.steps, progress=not args.quiet)
+    run_demo(args.out, tuple(args.recipes), args.protocol, args.samples, args.steps, progress=not args.quiet,
+             dtype=args.dtype, compile=args.compile)
 
 
 def _fast_suffix(args: argparse.Namespace) -> str:
@@ -232,6 +233,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--protocol", default="quick", help="quick (default) or full; see docs/evaluation.md")
     s.add_argument("--samples", type=int, help="override the protocol's sample count")
     s.add_argument("--steps", type=int, help="override the protocol's sampler steps")
+    s.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"],
+                   help="activations between the quantized models' int8 layers (default %(default)s; the FP model"
+                        " always runs float32)")
+    s.add_argument("--compile", default=True, action=argparse.BooleanOptionalAction,
+                   help="sample the quantized models under torch.compile (default on; compiling takes a minute"
+                        " on an empty cache, timed apart; without a C++ compiler: a warning and eager)")
     s.add_argument("--quiet", action="store_true", help="no progress bars")
     s.set_defaults(fn=_cmd_demo)
     s = sub.add_parser("evaluate", help="evaluate the bundled FP model and quantized checkpoints of it")

@@ -31,14 +31,21 @@ def markdown_table(results: dict) -> str:
     p = results["protocol"]
     seeds = len(p["seeds"])
     cols = _COLS if results.get("feature_space") is not None else [c for c in _COLS if c[0] in ("psnr", "ssim")]
-    head = ["model"] + [h for _, h, _ in cols] + ["checkpoint B", "sampling s"]
+    head = ["model"] + [h for _, h, _ in cols] + ["checkpoint B", "sampling s", "speed × FP"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    fp_secs = results["models"][results["fp_model"]]["sample_seconds"]
     for name, m in results["models"].items():
         row = [name] + [_cell(m, k, f, seeds) for k, _, f in cols]
-        row += [f"{m['bytes']:,}" if "bytes" in m else "–", f"{m['sample_seconds']:.0f}"]
+        row += [f"{m['bytes']:,}" if "bytes" in m else "–", f"{m['sample_seconds']:.0f}",
+                f"{fp_secs / m['sample_seconds']:.2f}"]
         lines.append("| " + " | ".join(row) + " |")
     proto = (f"Protocol `{p['name']}`: {p['sampler'].upper()} {p['steps']} steps, {p['num_samples']:,} samples × "
              f"{seeds} seed(s) {list(p['seeds'])}.")
+    if all("warmup_seconds" in m for m in results["models"].values()):
+        proto += (" Sampling s excludes a one-off warm-up step per model (where a compiled model compiles): "
+                  + ", ".join(f"{n} {m['warmup_seconds']:.1f} s" for n, m in results["models"].items()) + ".")
+    if any("run" in m for m in results["models"].values()):
+        proto += " " + "; ".join(f"{n}: {m['run']}" for n, m in results["models"].items() if "run" in m) + "."
     if results.get("feature_space") is None:  # a model of other data: no feature extractor for it
         lines += ["", f"{proto} PSNR and SSIM compare with the FP model's same-seed images. FID*, KID*, precision,"
                       " recall and IS* need a feature extractor for the model's data; lowbit ships one for"

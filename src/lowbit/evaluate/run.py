@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
 from ..errors import EvaluationError
 from . import metrics as M
@@ -39,6 +40,16 @@ def _real_subset(ref_feats: torch.Tensor, n: int, seed: int = 0) -> torch.Tensor
     return ref_feats[perm[: min(n, len(ref_feats))]]
 
 
+def _warm_up(model: nn.Module, scheduler_config: dict, proto: Protocol, shape: tuple[int, ...]) -> float:
+    # one sampler step through the same code path as the timed sampling (same batch size, input
+    # dtypes and kind of call), so a compiled model meets nothing new afterwards
+    batch = min(proto.batch_size, proto.num_samples)
+    t0 = time.perf_counter()
+    sample(model, scheduler_config, n=batch, seed=0, sampler=proto.sampler, steps=1, batch_size=batch,
+           progress=False, shape=shape)
+    return time.perf_counter() - t0
+
+
 def split_half_fid(ref_feats: torch.Tensor, n: int, seed: int = 0) -> float:
     """FID between two disjoint random halves of the test set, each of min(n, N/2) images: the
     smallest FID difference the protocol can resolve at this sample count."""
@@ -50,7 +61,7 @@ def split_half_fid(ref_feats: torch.Tensor, n: int, seed: int = 0) -> float:
 def evaluate(models: dict[str, nn.Module], scheduler_config: dict, protocol: "str | Protocol" = "quick", *,
              fp_name: str | None = None, sizes: dict[str, int] | None = None, progress: bool = True,
              save_features: "str | Path | None" = None, shape: tuple[int, ...] = (1, 28, 28),
-             features: bool = True) -> dict:
+             features: bool = True, warmup: bool = True) -> dict:
     """Evaluate ``models`` (name → UNet) under ``protocol``; ``fp_name`` (default: the first
     model) is the full-precision reference for FID-to-FP, PSNR and SSIM. ``sizes`` adds
     checkpoint bytes to the results. Returns a JSON-ready dict; grid images are under
@@ -61,7 +72,13 @@ def evaluate(models: dict[str, nn.Module], scheduler_config: dict, protocol: "st
     ``shape`` is one sample's (C, H, W). ``features=False`` is for models of other data than
     Fashion-MNIST, for which lowbit has no feature extractor: only the metrics that need none
     are computed (PSNR and SSIM against the FP model's images from the same seeds, sampling
-    time), and the results say so."""
+    time), and the results say so.
+
+    ``warmup`` (default) runs one sampler step per model at the sampling batch size before the
+    timed sampling, and reports its seconds as ``warmup_seconds``: a compiled model compiles
+    there (tens of seconds on an empty inductor cache) and native kernels lay out their weights
+    for the batch shape, one-off costs that would otherwise be charged to the first seed's
+    sampling time. It changes no image: every model computes each call independently."""
     proto = get_protocol(protocol)
     if not models:
         raise EvaluationError("no models to evaluate: pass at least the FP model")
@@ -75,6 +92,11 @@ def evaluate(models: dict[str, nn.Module], scheduler_config: dict, protocol: "st
         real = _real_subset(ref_feats, proto.num_samples)
     order = [fp_name] + [n for n in models if n != fp_name]
     per: dict[str, dict[str, list]] = {n: {} for n in order}
+    warm = {}
+    if warmup:  # a bar per model: compiling one takes about a minute on an empty inductor cache
+        for n in tqdm(order, desc="warm-up (compiled models compile)", unit="model", disable=None if progress else True,
+                      leave=False):
+            warm[n] = _warm_up(models[n], scheduler_config, proto, shape)
     fp_seed_feats: list[torch.Tensor] = []
     grid: dict[str, torch.Tensor] = {}
     for seed in proto.seeds:
@@ -126,6 +148,8 @@ def evaluate(models: dict[str, nn.Module], scheduler_config: dict, protocol: "st
         out["images_per_s"] = proto.num_samples / out["sample_seconds"]
         if sizes and name in sizes:
             out["bytes"] = sizes[name]
+        if name in warm:
+            out["warmup_seconds"] = warm[name]
         results["models"][name] = out
     results["_grid"] = grid
     if not features:
