@@ -73,8 +73,9 @@ def test_demo_end_to_end_writes_every_artifact(tmp_path, capsys):
     assert set(res["models"]) == {"fp32", "w8a8"}
     out = capsys.readouterr().out
     assert "| w8a8 |" in out and "FID*" in out and "speed × FP" in out
-    assert "w8a8: native int8, bf16 between layers, eager" in out and "fp32: float32 eager" in out
-    assert saved["models"]["w8a8"]["run"] == "native int8, bf16 between layers, eager"
+    run = saved["models"]["w8a8"]["run"]
+    assert run.startswith("native int8 (oneDNN) ") and run.endswith("; bf16 between layers; eager"), run
+    assert f"w8a8: {run}" in out and "fp32: float32 eager" in out
     assert "fp32 " in out.split("warm-up step per model")[1]  # the warm-up seconds are listed
     hint = f"lowbit evaluate {tmp_path / 'fmnist-unet-w8a8.safetensors'} --compute emulated"
     assert hint in out  # the printed command names the checkpoint the demo wrote

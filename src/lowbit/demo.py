@@ -14,6 +14,7 @@
 from __future__ import annotations
 
 import time
+from collections import Counter
 from pathlib import Path
 
 import torch
@@ -42,9 +43,12 @@ def quantize_bundled(recipe: str, out_dir: Path, calib: list, progress: bool = T
     return load(path, fresh, dtype=dtype), path
 
 
-def _run_label(dtype: str, compile: bool) -> str:
-    return ", ".join(["native int8", f"{'bf16' if dtype == 'bfloat16' else 'float32'} between layers",
-                      "compiled" if compile else "eager"])
+def _run_label(model: torch.nn.Module, dtype: str, compile: bool) -> str:
+    """How a loaded model runs: its layers' kernel paths (from the per-layer report), the
+    activations between them, compiled or eager."""
+    paths = Counter(row.path for row in report(model) if row.path != "float")
+    layers = ", ".join(f"{path} {n} layers" for path, n in paths.most_common())
+    return f"{layers}; {'bf16' if dtype == 'bfloat16' else 'float32'} between layers; {'compiled' if compile else 'eager'}"
 
 
 def run_demo(out_dir: "str | Path" = "runs/demo", recipes: tuple[str, ...] = ("w8a8", "w4a8"),
@@ -66,11 +70,11 @@ def run_demo(out_dir: "str | Path" = "runs/demo", recipes: tuple[str, ...] = ("w
           f"{proto.steps} steps, {proto.num_samples} samples, seeds {list(proto.seeds)}", flush=True)
     calib = trajectory_inputs(fp, FMNIST_SCHEDULER_CONFIG, n=calib_samples, steps=proto.steps, progress=progress)
     models: dict[str, torch.nn.Module] = {"fp32": fp}
-    quant_seconds, paths = {}, []
+    quant_seconds, paths, loaded = {}, [], {}
     for r in recipes:
         tq = time.perf_counter()
         q, path = quantize_bundled(r, out, calib, progress, DTYPES[dtype])
-        models[r] = sampling_model(q, dtype, compile)
+        models[r], loaded[r] = sampling_model(q, dtype, compile), q
         quant_seconds[r] = time.perf_counter() - tq
         sizes[r] = path.stat().st_size
         paths.append(str(path))
@@ -81,7 +85,7 @@ def run_demo(out_dir: "str | Path" = "runs/demo", recipes: tuple[str, ...] = ("w
     for r, s in quant_seconds.items():
         results["models"][r]["quantize_seconds"] = s
         # after sampling: a model whose compilation failed (no C++ compiler) fell back to eager
-        results["models"][r]["run"] = _run_label(dtype, getattr(models[r], "compiled", False))
+        results["models"][r]["run"] = _run_label(loaded[r], dtype, getattr(models[r], "compiled", False))
     results["wall_seconds"] = time.perf_counter() - t0
     files = write_results(results, out)
     print()

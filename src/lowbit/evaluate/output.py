@@ -45,7 +45,7 @@ def markdown_table(results: dict) -> str:
         proto += (" Sampling s excludes a one-off warm-up step per model (where a compiled model compiles): "
                   + ", ".join(f"{n} {m['warmup_seconds']:.1f} s" for n, m in results["models"].items()) + ".")
     if any("run" in m for m in results["models"].values()):
-        proto += " " + "; ".join(f"{n}: {m['run']}" for n, m in results["models"].items() if "run" in m) + "."
+        proto += " " + " ".join(f"{n}: {m['run']}." for n, m in results["models"].items() if "run" in m)
     if results.get("feature_space") is None:  # a model of other data: no feature extractor for it
         lines += ["", f"{proto} PSNR and SSIM compare with the FP model's same-seed images. FID*, KID*, precision,"
                       " recall and IS* need a feature extractor for the model's data; lowbit ships one for"
