@@ -174,23 +174,41 @@ def test_save_refuses_an_unquantized_model(tmp_path):
         save(make_unet(), tmp_path / "x.safetensors")
 
 
-def test_meta_model_with_unsaved_buffer_gets_a_clear_error(tmp_path):
-    class WithBuffer(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.fc = nn.Linear(8, 8)
-            self.register_buffer("table", torch.arange(8.0), persistent=False)
+class _WithBuffer(nn.Module):
+    """A Linear plus a non-persistent buffer computed in __init__ (as DiT's positional table)."""
 
-        def forward(self, x):
-            return self.fc(x) + self.table
+    def __init__(self, extra: bool = False, table: bool = True):
+        super().__init__()
+        self.fc = nn.Linear(8, 8)
+        if table:
+            self.register_buffer("table", torch.linspace(-1, 1, 8).sin(), persistent=False)
+        if extra:
+            self.register_buffer("other", torch.ones(8), persistent=False)
 
+    def forward(self, x):
+        return self.fc(x) + getattr(self, "table", 0) + getattr(self, "other", 0)
+
+
+def test_non_persistent_buffers_are_stored_so_meta_built_models_load(tmp_path):
     torch.manual_seed(0)
-    path = save(quantize(WithBuffer(), "w4a16"), tmp_path / "b.safetensors")
+    path = save(quantize(_WithBuffer(), "w4a16"), tmp_path / "b.safetensors")
     with torch.device("meta"):
-        meta_model = WithBuffer()
-    with pytest.raises(CheckpointError, match="still on the meta device"):
-        load(path, meta_model)
-    assert torch.isfinite(load(path, WithBuffer())(torch.randn(2, 8))).all()  # CPU-built works
+        meta_model = _WithBuffer()
+    q = load(path, meta_model)
+    assert torch.equal(q.table, _WithBuffer().table)
+    x = torch.randn(2, 8)
+    assert torch.equal(q(x), load(path, _WithBuffer())(x))  # the same as a CPU-built model
+
+
+def test_buffers_the_checkpoint_lacks_or_the_model_lacks_get_clear_errors(tmp_path):
+    torch.manual_seed(0)
+    path = save(quantize(_WithBuffer(), "w4a16"), tmp_path / "b.safetensors")
+    with torch.device("meta"):
+        newer = _WithBuffer(extra=True)  # a buffer the checkpoint never saw
+    with pytest.raises(CheckpointError, match="'other' is still on the meta device"):
+        load(path, newer)
+    with pytest.raises(CheckpointError, match="non-persistent buffer 'table' does not fit this model"):
+        load(path, _WithBuffer(table=False))
 
 
 @pytest.mark.skipif(not os.path.exists("/proc/self/maps"), reason="needs Linux /proc/self/maps")

@@ -79,3 +79,18 @@ def test_a_compile_failure_warns_and_samples_eagerly(monkeypatch):
     assert any("torch.compile failed (RuntimeError: no C++ compiler found); sampling eagerly" in str(e.message)
                for e in w)
     assert not fast.compiled and torch.equal(y, m(x, t).sample)
+
+
+def test_conditioning_arguments_pass_through_and_are_padded_per_sample():
+    class Cond(torch.nn.Module):  # a class-conditional "model": output depends on the labels
+        def forward(self, x, t, labels, scale):
+            return x * scale + labels.view(-1, 1, 1, 1).to(x.dtype) + t.view(-1, 1, 1, 1).to(x.dtype)
+
+    sm = sampling_model(Cond(), "float32", compile=True)
+    x, t, y = torch.randn(4, 1, 2, 2), torch.arange(4.0), torch.arange(4) * 10
+    full = sm(x, t, y, 2.0)
+    assert torch.equal(full, Cond()(x, t, y, 2.0))  # exact in float32, compiled or not
+    padded = sm._pad(x[:2], t[:2], y[:2], 2.0)  # after a batch of 4: rows 3-4 copy row 2
+    assert [a.shape[0] for a in padded[:3]] == [4, 4, 4] and padded[3] == 2.0 and padded[4] == 2
+    assert torch.equal(padded[2], torch.tensor([0, 10, 10, 10]))
+    assert torch.equal(sm(x[:2], t[:2], y[:2], 2.0), full[:2])

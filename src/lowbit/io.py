@@ -52,6 +52,26 @@ def fp_signature(model: nn.Module) -> dict[str, list[int]]:
     return sig
 
 
+def nonpersistent_buffers(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The model's non-persistent buffers by state-dict-style key. A state dict leaves them out
+    (the module recomputes them in ``__init__``), but a model built on the meta device never
+    computes them: DiT's positional embedding (``pos_embed.pos_embed``) is one. Checkpoints store
+    them so that such models load onto the meta device too (DiT-S-like: 0.4 MB)."""
+    return {f"{mn}.{bn}" if mn else bn: m._buffers[bn] for mn, m in model.named_modules()
+            for bn in sorted(m._non_persistent_buffers_set) if m._buffers.get(bn) is not None}
+
+
+def _restore_nonpersistent(model: nn.Module, keys: list, tensors: dict[str, torch.Tensor]) -> None:
+    modules = dict(model.named_modules())
+    for key in keys:
+        mn, _, bn = key.rpartition(".")
+        m = modules.get(mn)
+        if key not in tensors or m is None or bn not in m._non_persistent_buffers_set:
+            raise CheckpointError(f"checkpoint's non-persistent buffer {key!r} does not fit this model; pass the"
+                                  " architecture it was quantized from")
+        m._buffers[bn] = tensors.pop(key)
+
+
 def fp32_safetensors_bytes(model: nn.Module) -> int:
     """Size of ``model`` saved as plain float safetensors: the reference for checkpoint ratios."""
     return len(safetensors.torch.save({k: v.detach().contiguous() for k, v in model.state_dict().items()}))
@@ -108,6 +128,8 @@ def save(model: nn.Module, path: "str | Path", *, metadata: dict[str, str] | Non
     tensors: dict[str, torch.Tensor] = {}
     for k, v in model.state_dict().items():
         tensors[k] = v.detach()
+    extra = nonpersistent_buffers(model)
+    tensors.update({k: v.detach() for k, v in extra.items()})
     for name, layer in layers:
         if isinstance(layer, QuantWeightLayer) and layer.weight_quant.enabled:
             tensors.pop(f"{name}.weight", None)
@@ -129,6 +151,7 @@ def save(model: nn.Module, path: "str | Path", *, metadata: dict[str, str] | Non
         "plan": plan.to_json() if isinstance(plan, Plan) else "null",
         "layers": json.dumps({n: _layer_meta(m) for n, m in layers}),
         "arch": json.dumps(fp_signature(model)),
+        "nonpersistent": json.dumps(sorted(extra)),
     }
     meta.update({f"user.{k}": str(v) for k, v in (metadata or {}).items()})
     meta["checksum"] = _digest(meta, tensors)
@@ -263,6 +286,8 @@ def load(path: "str | Path", model: nn.Module | None = None, *, compute: str = "
     # page of the file resident after loading (SD-like W4A8: 32 MB of RSS beside the kernels).
     # They are under 1 % of the file; the packed views are dropped one layer at a time below.
     tensors = {k: t.clone() for k, t in tensors.items()}
+    # checkpoints written before lowbit stored non-persistent buffers have no entry: none stored
+    _restore_nonpersistent(model, _json(meta, "nonpersistent") if "nonpersistent" in meta else [], tensors)
     codes_keys = {f"{name}.weight_codes" for name in packed}
     for name in packed:  # symmetric weights: zero-points are not stored (see save)
         scale = tensors.get(f"{name}.weight_quant.scale")
@@ -306,8 +331,9 @@ def load(path: "str | Path", model: nn.Module | None = None, *, compute: str = "
             trim_heap()
     left = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
     if left:
-        raise CheckpointError(f"after loading, {left[0]!r} is still on the meta device (a non-persistent buffer is"
-                              " not stored in checkpoints); build the model on the CPU instead of the meta device")
+        raise CheckpointError(f"after loading, {left[0]!r} is still on the meta device (the checkpoint does not"
+                              " hold it: saved by an older lowbit, or a buffer created after saving); build the"
+                              " model on the CPU instead of the meta device, or re-save the checkpoint")
     for n, m in quant_layers(model):
         if isinstance(m, QuantWeightLayer):
             m.weight_sqnr_db = layers.get(n, {}).get("weight_sqnr_db")
