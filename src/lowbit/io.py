@@ -4,7 +4,8 @@ A lowbit checkpoint is one safetensors file. Each quantized weight is stored as 
 packed densely at the format's bit width (``lowbit.pack``: two 4-bit codes per byte, 3-bit codes
 as a bit stream, …) plus its scales and, for asymmetric formats, zero-points (a symmetric format's
 are all 0 and ``load`` recreates them); everything else (biases, norms, layers kept
-in FP, activation ranges) is stored as is. The JSON metadata holds the plan, each quantized layer's
+in FP, activation ranges, and the non-persistent buffers a state dict leaves out, such as DiT's
+positional table) is stored as is. The JSON metadata holds the plan, each quantized layer's
 spec, shape and bit width, a signature of the float architecture (to refuse the wrong model) and a
 SHA-256 over metadata and tensors (to refuse truncated or tampered files). No pickle anywhere.
 

@@ -86,7 +86,9 @@ def sampling_model(model: nn.Module, dtype: "str | torch.dtype" = torch.float32,
     if compilation fails, a warning and eager sampling; repeated calls of the same kind skip
     dynamo's guard checks, so ``model`` must not be changed in place once sampling has begun:
     :mod:`lowbit._guards`; a batch smaller than one already compiled is padded to that size, which
-    assumes the model computes each sample on its own, as diffusion UNets in eval mode do). ``model`` must already hold its float
+    assumes the model computes each sample on its own, as diffusion UNets in eval mode do;
+    arguments after ``(x, t)``, such as a class-conditional model's labels, are passed through and
+    padded alike). ``model`` must already hold its float
     weights in ``dtype``: a checkpoint loaded with ``lowbit.load(..., dtype=...)``, or a float
     model moved with ``.to(dtype)``. Returns ``model`` itself when there is nothing to change."""
     if isinstance(dtype, str):
