@@ -152,8 +152,9 @@ def save(model: nn.Module, path: "str | Path", *, metadata: dict[str, str] | Non
         "plan": plan.to_json() if isinstance(plan, Plan) else "null",
         "layers": json.dumps({n: _layer_meta(m) for n, m in layers}),
         "arch": json.dumps(fp_signature(model)),
-        "nonpersistent": json.dumps(sorted(extra)),
     }
+    if extra:  # absent when there are none: such checkpoints stay byte-identical to earlier ones
+        meta["nonpersistent"] = json.dumps(sorted(extra))
     meta.update({f"user.{k}": str(v) for k, v in (metadata or {}).items()})
     meta["checksum"] = _digest(meta, tensors)
     atomic_write(path, safetensors.torch.save(tensors, metadata=meta))
@@ -287,7 +288,7 @@ def load(path: "str | Path", model: nn.Module | None = None, *, compute: str = "
     # page of the file resident after loading (SD-like W4A8: 32 MB of RSS beside the kernels).
     # They are under 1 % of the file; the packed views are dropped one layer at a time below.
     tensors = {k: t.clone() for k, t in tensors.items()}
-    # checkpoints written before lowbit stored non-persistent buffers have no entry: none stored
+    # no entry: the model had no non-persistent buffers (or lowbit did not store them yet)
     _restore_nonpersistent(model, _json(meta, "nonpersistent") if "nonpersistent" in meta else [], tensors)
     codes_keys = {f"{name}.weight_codes" for name in packed}
     for name in packed:  # symmetric weights: zero-points are not stored (see save)
