@@ -137,3 +137,52 @@ def test_uncalibrated_activation_raises_clear_error():
 def test_quantizer_with_no_format_is_identity():
     x = torch.randn(3, 3)
     assert Quantizer(None)(x) is x
+
+
+class _Tables(nn.Module):
+    """Two lookup tables as a diffusion model holds them: a DiT-style class table and a UNet
+    class_embedding (which the default exclusions keep in float), plus a Linear."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.class_embedder = nn.Embedding(11, 16)
+        self.class_embedding = nn.Embedding(11, 16)
+        self.fc = nn.Linear(16, 16)
+
+    def forward(self, idx):
+        return self.fc(self.class_embedder(idx) + self.class_embedding(idx))
+
+
+def test_quant_embedding_decodes_only_the_rows_it_reads_bit_identically(tmp_path):
+    from lowbit import freeze, load, quantize, save
+    from lowbit.nn import QuantEmbedding
+
+    m = quantize(_Tables(), "w4a8", [torch.arange(11)], progress=False)
+    emb = m.class_embedder
+    assert isinstance(emb, QuantEmbedding) and emb.spec.weight == "int8" and emb.spec.act is None
+    assert type(m.class_embedding) is nn.Embedding  # default exclusion
+    idx = torch.tensor([[3, 0], [10, 3]])
+    want = F.embedding(idx, emb.weight_quant(emb.weight))  # the simulated table, looked up
+    assert torch.equal(emb(idx), want)
+    freeze(m)
+    assert emb.stored and torch.equal(emb(idx), want)  # the gathered rows = the whole table decoded
+    q = load(save(m, tmp_path / "t.safetensors"), _Tables())
+    assert torch.equal(q.class_embedder(idx), want) and q.class_embedder.compute_path == "emulated"
+    bf = load(tmp_path / "t.safetensors", _Tables(), dtype=torch.bfloat16)
+    assert bf.class_embedder(idx).dtype == torch.bfloat16  # its rows join the model's float dtype
+    assert sqnr_db(emb.weight_quant.decode(emb.weight_codes), _Tables().class_embedder.weight) > 35
+
+
+def test_embeddings_uniform_plans_leave_and_max_norm_are_handled():
+    from lowbit import Plan, quantize
+    from lowbit.errors import PlanError
+
+    m = quantize(_Tables(), Plan.uniform(LayerSpec("int4", "uint8")), [torch.arange(11)], progress=False)
+    assert type(m.class_embedder) is nn.Embedding  # uniform plans cover Linear/Conv2d/attention
+    fp = quantize(_Tables(), "w4a8-fp", [torch.arange(11)], progress=False)
+    assert fp.class_embedder.spec.weight == "fp8_e4m3"  # minifloat recipes: the tables in FP8
+    bad = _Tables()
+    bad.class_embedder.max_norm = 1.0
+    with pytest.raises(PlanError, match="max_norm"):
+        quantize(bad, "w8a8", [torch.arange(11)], progress=False)

@@ -21,7 +21,7 @@ from .errors import CalibrationError, CheckpointError, DataError, EvaluationErro
 from .formats import QFormat, parse
 from .io import load, read_checkpoint, save
 from .kernels import set_compute
-from .nn import QuantAttnProcessor, QuantConv2d, QuantLinear, quant_layers
+from .nn import QuantAttnProcessor, QuantConv2d, QuantEmbedding, QuantLinear, quant_layers
 from .plan import DEFAULT_EXCLUDE, RECIPES, LayerSpec, Plan, Rule, recipe
 from .quantize import freeze, quantize
 from .quantizer import Granularity, Quantizer
@@ -34,6 +34,6 @@ __all__ = [
     "quantize", "calibrate", "freeze", "save", "load", "read_checkpoint", "set_compute",
     "report", "report_checkpoint", "format_report",
     "LayerSpec", "Plan", "Rule", "recipe", "RECIPES", "DEFAULT_EXCLUDE",
-    "QuantLinear", "QuantConv2d", "QuantAttnProcessor", "quant_layers",
+    "QuantLinear", "QuantConv2d", "QuantEmbedding", "QuantAttnProcessor", "quant_layers",
     "LowbitError", "FormatError", "PlanError", "CalibrationError", "CheckpointError", "EvaluationError", "DataError",
 ]

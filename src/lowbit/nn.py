@@ -17,6 +17,7 @@ layer then calls it and its ``compute_path`` says which one runs.
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 import torch
 import torch.nn.functional as F
@@ -99,10 +100,18 @@ class QuantWeightLayer(QuantModule):
         """True in stored form (codes only, no float weight)."""
         return "weight_codes" in self._buffers
 
+    @classmethod
+    def _wrap(cls, m: nn.Module, spec: LayerSpec, stored: bool):
+        # for the layers whose constructor takes the float module itself
+        q = cls(m, spec, stored=stored)
+        if not stored:
+            q._adopt(m)
+        return q
+
     def _adopt(self, module: nn.Module) -> None:
         """Take over a float layer's parameters (no copy) and set the weight range from them."""
         self.weight = module.weight
-        self.bias = module.bias
+        self.bias = getattr(module, "bias", None)  # an Embedding has none
         if self.weight_quant.enabled:
             lo, hi = weight_range(self.weight, self.weight_quant, self.spec.weight_observer)
             self.weight_quant.set_range(lo, hi)
@@ -174,10 +183,7 @@ class QuantConv2d(QuantWeightLayer):
 
     @classmethod
     def from_float(cls, m: nn.Conv2d, spec: LayerSpec, stored: bool = False) -> "QuantConv2d":
-        q = cls(m, spec, stored=stored)
-        if not stored:
-            q._adopt(m)
-        return q
+        return cls._wrap(m, spec, stored)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.kernel is not None:
@@ -271,6 +277,45 @@ class QuantAttnProcessor(QuantModule):
         return hidden_states / attn.rescale_output_factor
 
 
+class QuantEmbedding(QuantWeightLayer):
+    """``nn.Embedding`` with a quantized table, weight-only: its inputs are indices, so the spec's
+    activation format does not apply. ``channel`` granularity is one scale per row (entry).
+
+    DiT's per-block class-label tables are 12 % of a DiT-S-like model's parameters; in fp32 they
+    were a third of its W8A8 checkpoint (docs/performance-notes.md). A lookup is a gather, so
+    there is no kernel to run: a stored table stays as its codes (one byte per entry in memory)
+    and only the looked-up rows are decoded, bit-identical to decoding the whole table."""
+
+    _HYPER = ("num_embeddings", "embedding_dim", "padding_idx", "scale_grad_by_freq", "sparse")
+
+    def __init__(self, emb: nn.Embedding, spec: LayerSpec, stored: bool = False) -> None:
+        if emb.max_norm is not None:  # max_norm renormalises rows of the table in place on lookup
+            raise PlanError("an nn.Embedding with max_norm rewrites its table on every lookup and cannot be"
+                            " quantized; keep it in float (a rule with spec=None)")
+        super().__init__(tuple(emb.weight.shape), False, replace(spec, act=None), stored=stored,
+                         device=emb.weight.device)
+        for k in self._HYPER:
+            setattr(self, k, getattr(emb, k))
+        self.out_dtype = torch.float32  # the model's float dtype (set_compute's dtype)
+
+    @classmethod
+    def from_float(cls, m: nn.Embedding, spec: LayerSpec, stored: bool = False) -> "QuantEmbedding":
+        return cls._wrap(m, spec, stored)
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        wq = self.weight_quant
+        if self.stored and wq.enabled and wq.scale_shape[0] == self.num_embeddings:
+            self._check_codes()
+            flat = idx.reshape(-1)
+            q = wq.fmt.decode(self.weight_codes[flat]).reshape(len(flat), wq.scale_shape[1], -1)
+            rows = (q - wq.zero[flat].unsqueeze(-1)) * wq.scale[flat].unsqueeze(-1)
+            return rows.reshape(*idx.shape, self.embedding_dim).to(self.out_dtype)
+        return F.embedding(idx, self.qweight(), self.padding_idx).to(self.out_dtype)
+
+    def extra_repr(self) -> str:
+        return f"{self.num_embeddings}, {self.embedding_dim}, {self.spec.describe()}"
+
+
 def _device(mod: nn.Module) -> torch.device:
     for t in list(mod.parameters()) + list(mod.buffers()):
         return t.device
@@ -301,8 +346,10 @@ def apply_specs(model: nn.Module, specs: dict[str, LayerSpec], *, stored: bool =
             new = QuantConv2d.from_float(mod, spec, stored=stored)
         elif isinstance(mod, nn.Linear):
             new = QuantLinear.from_float(mod, spec, stored=stored)
+        elif isinstance(mod, nn.Embedding):
+            new = QuantEmbedding.from_float(mod, spec, stored=stored)
         else:
-            raise PlanError(f"layer {name!r} is a {type(mod).__name__}; lowbit quantizes Linear, Conv2d and attention")
+            raise PlanError(f"layer {name!r} is a {type(mod).__name__}; lowbit quantizes Linear, Conv2d, Embedding and attention")
         new.input_quant.label = f"{name}.input_quant"
         new.weight_quant.label = f"{name}.weight_quant"
         if name:

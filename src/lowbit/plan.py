@@ -157,9 +157,11 @@ class Plan:
 
 
 def is_quantizable(module: nn.Module) -> bool:
-    """Linear, Conv2d, and diffusers attention modules (for their two matmuls)."""
-    return any(c.__name__ in QUANTIZABLE_TYPES for c in type(module).__mro__) and (
-        isinstance(module, (nn.Linear, nn.Conv2d)) or hasattr(module, "get_attention_scores"))
+    """Linear, Conv2d, Embedding (weight-only), and diffusers attention modules (for their two
+    matmuls). Uniform plans cover ``QUANTIZABLE_TYPES`` by default; the recipes add the
+    embedding tables (``EMBEDDING_RULE``)."""
+    return any(c.__name__ in QUANTIZABLE_TYPES + ("Embedding",) for c in type(module).__mro__) and (
+        isinstance(module, (nn.Linear, nn.Conv2d, nn.Embedding)) or hasattr(module, "get_attention_scores"))
 
 
 # Recipes: name -> (one-line description, spec). Weights per-channel symmetric; activations
@@ -214,10 +216,23 @@ RECIPE_RULES["w4a8"] = (Rule(TIME_EMB_PROJ, LayerSpec("int5", "uint8", weight_ob
                         *RECIPE_RULES["w4a8"])
 
 
+# Embedding tables (DiT's per-block class-label tables: 12 % of a DiT-S-like model's
+# parameters, a third of its W8A8 checkpoint while they stayed fp32) in every recipe, weight-only
+# at 8 bits, like the time embedding: a lookup's output feeds the conditioning of every block.
+# The default exclusions (a UNet's class_embedding, add_embedding) still keep theirs in float.
+_EMBEDDING_SPEC = {"int": LayerSpec("int8"), "fp": LayerSpec("fp8_e4m3")}
+
+
+def _embedding_rule(spec: LayerSpec) -> Rule | None:
+    w = parse_optional(spec.weight)
+    return None if w is None else Rule(".*", _EMBEDDING_SPEC[w.kind], ("Embedding",))
+
+
 def recipe(name: str, **overrides) -> Plan:
     """The plan for a named recipe; keyword overrides go to :meth:`Plan.uniform`
     (``include``, ``exclude``, ``exclude_defaults``, ``types``). Every recipe also quantizes the
-    time-embedding Linears at 8 bits (W4A8's ``time_emb_proj`` at 5; ``RECIPE_RULES``) unless
+    time-embedding Linears at 8 bits (W4A8's ``time_emb_proj`` at 5; ``RECIPE_RULES``) and the
+    embedding tables at 8 bits, weight-only (``_embedding_rule``), unless
     ``exclude_defaults=False`` (then every layer gets the recipe's spec)."""
     if name not in RECIPES:
         raise PlanError(f"unknown recipe {name!r}: use one of {', '.join(RECIPES)} or pass a Plan")
@@ -225,7 +240,11 @@ def recipe(name: str, **overrides) -> Plan:
     if overrides.get("exclude_defaults", True):
         # after the user's excludes (which come first in a uniform plan), before the defaults
         n_user = len(overrides.get("exclude") or [])
-        plan.rules[n_user:n_user] = list(RECIPE_RULES.get(name, ()))
+        extra = list(RECIPE_RULES.get(name, ()))
+        plan.rules[n_user:n_user] = extra
+        emb = _embedding_rule(RECIPES[name][1])
+        if emb is not None:  # after the default exclusions, before the recipe's own spec
+            plan.rules.insert(n_user + len(extra) + 1, emb)
     return plan
 
 

@@ -1,7 +1,7 @@
 """Native kernels on a transformer diffusion model: a tiny diffusers DiT (class-conditional,
-patch embedding with a non-persistent positional table, AdaLN-Zero blocks) quantizes, saves,
-loads onto the meta device and runs its Linears on oneDNN's int8 kernels, matching the emulated
-(simulated) model."""
+patch embedding with a non-persistent positional table, AdaLN-Zero blocks) quantizes (its
+class-label tables too), saves, loads onto the meta device and runs its Linears on oneDNN's int8
+kernels, matching the emulated (simulated) model."""
 
 import pytest
 import torch
@@ -37,8 +37,11 @@ def test_dit_w8a8_loads_on_meta_and_runs_native_int8(tmp_path):
     native = lowbit.load(path, fresh)  # pos_embed's table comes from the checkpoint
     emulated = lowbit.load(path, fresh2, compute="emulated")
     assert torch.equal(native.pos_embed.pos_embed, _dit().pos_embed.pos_embed)
-    paths = [r.path for r in lowbit.report(native)]
+    rows = lowbit.report(native)
+    paths = [r.path for r in rows]
     assert paths.count("native int8 (oneDNN)") >= 8, paths  # every block's attention and MLP Linears
+    tables = [r for r in rows if r.type == "Embedding"]  # each block's class-label table, at 8 bits
+    assert len(tables) == 2 and all(r.weight.startswith("int8") and r.stored_bytes < r.fp32_bytes / 3.5 for r in tables)
     with torch.no_grad():
         x = _inputs(99)
         ref = _dit()(*x).sample

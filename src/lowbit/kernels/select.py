@@ -101,8 +101,8 @@ def choose_path(layer, requested: str = "auto", device: "torch.device | None" = 
     if requested not in PATHS:
         raise PlanError(f"unknown compute path {requested!r}: use one of {', '.join(PATHS)}")
     device = device or layer.weight_quant.scale.device
-    if requested == "emulated":
-        return "emulated"
+    if requested == "emulated" or type(layer).__name__ == "QuantEmbedding":
+        return "emulated"  # a table lookup is a gather: no kernel (it decodes the rows it reads)
     if requested == "auto" and _reduction(layer) < _MIN_REDUCTION:
         return "emulated"  # too little work per output to pay for quantizing the input
     if requested in ("auto", "int8") and _int8_ok(layer, device):
@@ -229,6 +229,9 @@ def finish_compute(model: nn.Module, dtype: torch.dtype) -> None:
     fused Q/K/V kernel per self-attention block whose projections allow it (:mod:`.fuse`)."""
     from ..nn import QuantWeightLayer
 
+    for m in model.modules():
+        if type(m).__name__ == "QuantEmbedding":
+            m.out_dtype = dtype  # its rows join the float work between the layers
     if dtype != torch.float32:
         _cast_float_tensors(model, dtype)
         on_cpu = any(m.weight_quant.scale.device.type == "cpu" for m in model.modules() if isinstance(m, QuantWeightLayer))
