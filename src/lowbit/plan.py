@@ -159,7 +159,7 @@ class Plan:
 def is_quantizable(module: nn.Module) -> bool:
     """Linear, Conv2d, Embedding (weight-only), and diffusers attention modules (for their two
     matmuls). Uniform plans cover ``QUANTIZABLE_TYPES`` by default; the recipes add the
-    embedding tables (``EMBEDDING_RULE``)."""
+    embedding tables (``_embedding_rule``)."""
     return any(c.__name__ in QUANTIZABLE_TYPES + ("Embedding",) for c in type(module).__mro__) and (
         isinstance(module, (nn.Linear, nn.Conv2d, nn.Embedding)) or hasattr(module, "get_attention_scores"))
 
