@@ -145,11 +145,11 @@ def _cmd_bench(args: argparse.Namespace) -> None:
     cmd = "lowbit bench " + " ".join(sys.argv[2:]) if len(sys.argv) > 2 else "lowbit bench"
     if args.device is not None:
         return _cmd_bench_device(args, cmd.strip())
-    folders = [m for m in args.models if m not in ("bundled", "sdlike")]
+    folders = [m for m in args.models if m not in ("bundled", "sdlike", "dit")]
     for m in folders:  # a typo fails here, in one line, not after minutes of benchmarking
         if not Path(m).is_dir():
-            raise EvaluationError(f"unknown benchmark model {m!r}: use bundled, sdlike, or a local diffusers"
-                                  " UNet2DModel folder")
+            raise EvaluationError(f"unknown benchmark model {m!r}: use bundled, sdlike, dit, or a local"
+                                  " diffusers UNet2DModel folder")
     out = args.out
     if folders and out == "docs/performance.md":  # docs/performance.md is the bundled models' report
         out = f"runs/performance-{Path(folders[0]).resolve().name}.md"
@@ -277,7 +277,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(fn=_cmd_sample)
     s = sub.add_parser("bench", help="sampling speed, memory and accuracy of FP32/BF16, lowbit recipes and peers")
     s.add_argument("--models", nargs="+", default=["bundled", "sdlike"], metavar="MODEL",
-                   help="bundled, sdlike (default: both), or a local diffusers UNet2DModel/pipeline folder (its"
+                   help="bundled, sdlike (default: both), dit (a DiT-S-like transformer), or a local diffusers"
+                        " UNet2DModel/pipeline folder (its"
                         " report goes to runs/performance-<folder>.md unless --out says otherwise)")
     s.add_argument("--recipes", nargs="+", default=["w8a8", "w4a8", "fp8"], choices=list(RECIPES),
                    help="lowbit recipes to time (default: w8a8 w4a8 fp8)")

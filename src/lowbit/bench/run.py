@@ -1,7 +1,7 @@
 """``lowbit bench``: end-to-end sampling speed, memory and accuracy of every variant, in one run.
 
-For each model (the bundled Fashion-MNIST UNet, and a random SD-like UNet with 128/256/512
-channels) the benchmark
+For each model (the bundled Fashion-MNIST UNet and a random SD-like UNet with 128/256/512
+channels by default; on request a random DiT-S-like transformer, ``dit``) the benchmark
 
 1. records calibration inputs along the FP32 model's DDIM trajectory;
 2. builds the variants (:mod:`.variants`): FP32, BF16, FP32 + ``torch.compile``, each lowbit
@@ -69,6 +69,16 @@ def _sdlike() -> ModelSpec:
                      large_size=128)
 
 
+def _dit() -> ModelSpec:
+    from ..zoo.dit_s import DIT_SCHEDULER_CONFIG, build_dit_s
+
+    # no large-latent memory run: the positional table is fixed to 32×32 latents
+    return ModelSpec(build_dit_s, build_dit_s, DIT_SCHEDULER_CONFIG, (4, 32, 32), 4,
+                     "DiT-S-like transformer (diffusers DiTTransformer2DModel, 39.8M params, random weights,"
+                     " 4×32×32 latents, patch 2: 256 tokens, hidden 384, 12 blocks; class label i mod 1000"
+                     " for sample i)")
+
+
 def _folder(path: str) -> ModelSpec:
     """A user's diffusers ``UNet2DModel`` (or DDPM pipeline) folder (:mod:`lowbit.zoo.local`):
     its own weights and noise schedule, batch 4 unless ``--batch`` says otherwise."""
@@ -90,7 +100,7 @@ class _Models(dict):
     """Model name -> ModelSpec, built lazily (importing diffusers models is not free). A name
     that is a folder on disk is a user's diffusers UNet2DModel (:func:`_folder`)."""
 
-    _makers = {"bundled": _bundled, "sdlike": _sdlike}
+    _makers = {"bundled": _bundled, "sdlike": _sdlike, "dit": _dit}
 
     def __missing__(self, key: str) -> ModelSpec:
         if key in self._makers:

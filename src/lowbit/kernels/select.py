@@ -34,6 +34,7 @@ from ..errors import PlanError
 from . import onednn
 from .bf16 import Bf16Kernel, cpu_bf16_available, exact_in_bf16
 from .fuse import fuse_attention_projections, unfuse_attention_projections
+from .fuse_gelu import fuse_gelu_feed_forwards, unfuse_gelu_feed_forwards
 from .groupnorm import use_nhwc_group_norm
 from .int_mm import IntMMLinearKernel
 from .int_mm_conv import IntMMConv2dKernel
@@ -225,8 +226,9 @@ def install_kernel(layer, path: str, dtype: torch.dtype, release_codes: bool) ->
 def finish_compute(model: nn.Module, dtype: torch.dtype) -> None:
     """The model-wide part of :func:`set_compute` after every layer is installed: the float
     tensors in ``dtype``, and (where a layer runs a CPU kernel, whose compiled outputs are NHWC)
-    GroupNorm in the form inductor vectorises on NHWC tensors (:mod:`.groupnorm`), and one
-    fused Q/K/V kernel per self-attention block whose projections allow it (:mod:`.fuse`)."""
+    GroupNorm in the form inductor vectorises on NHWC tensors (:mod:`.groupnorm`), one
+    fused Q/K/V kernel per self-attention block whose projections allow it (:mod:`.fuse`), and
+    GELU feed-forward blocks as two int8 GEMMs with GELU in the first's epilogue (:mod:`.fuse_gelu`)."""
     from ..nn import QuantWeightLayer
 
     for m in model.modules():
@@ -243,3 +245,5 @@ def finish_compute(model: nn.Module, dtype: torch.dtype) -> None:
     use_nhwc_group_norm(model, cpu_native)
     unfuse_attention_projections(model)
     fuse_attention_projections(model)  # one Q/K/V GEMM per self-attention block, where exact
+    unfuse_gelu_feed_forwards(model)
+    fuse_gelu_feed_forwards(model)  # GELU and requantization in the first FFN GEMM's epilogue
