@@ -34,6 +34,22 @@ def test_default_exclusions_keep_diffusion_io_float(unet, calib):
     assert "down_blocks.0.resnets.0.conv1" in names
 
 
+def test_default_exclusions_keep_a_dits_patch_embedding_and_output_projection_float():
+    import diffusers
+
+    dit = diffusers.DiTTransformer2DModel(num_attention_heads=2, attention_head_dim=8, in_channels=4, num_layers=1,
+                                          sample_size=8, patch_size=2, norm_num_groups=4)
+    specs = recipe("w8a8").resolve(dit)
+    assert "pos_embed.proj" not in specs and "proj_out_2" not in specs
+    assert {"proj_out_1", "transformer_blocks.0.ff.net.2", "transformer_blocks.0.attn1"} <= set(specs)
+    # a UNet transformer's proj_out is an inner layer: still quantized
+    unet = diffusers.UNet2DConditionModel(block_out_channels=(8, 16), layers_per_block=1, norm_num_groups=4,
+                                          cross_attention_dim=8, attention_head_dim=2, sample_size=8,
+                                          down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+                                          up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"))
+    assert "down_blocks.0.attentions.0.proj_out" in recipe("w8a8").resolve(unet)
+
+
 def test_uniform_plans_keep_the_time_embedding_float(unet):
     specs = Plan.uniform(LayerSpec("int8", "uint8")).resolve(unet)
     assert specs and not [n for n in specs if "time_emb" in n or n.startswith(("conv_in", "conv_out"))]

@@ -74,9 +74,9 @@ def _dit() -> ModelSpec:
 
     # no large-latent memory run: the positional table is fixed to 32×32 latents
     return ModelSpec(build_dit_s, build_dit_s, DIT_SCHEDULER_CONFIG, (4, 32, 32), 4,
-                     "DiT-S-like transformer (diffusers DiTTransformer2DModel, 39.8M params, random weights,"
-                     " 4×32×32 latents, patch 2: 256 tokens, hidden 384, 12 blocks; class label i mod 1000"
-                     " for sample i)")
+                     "DiT-S-like transformer (diffusers DiTTransformer2DModel, 39.8M params, random weights"
+                     " but a least-squares-fitted noise readout, 4×32×32 latents, patch 2: 256 tokens, hidden 384,"
+                     " 12 blocks; class label i mod 1000 for sample i)")
 
 
 def _folder(path: str) -> ModelSpec:
