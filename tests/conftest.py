@@ -53,3 +53,26 @@ def unet() -> UNet2DModel:
 @pytest.fixture
 def calib() -> list[tuple[torch.Tensor, torch.Tensor]]:
     return unet_inputs(3, seed=1)
+
+
+# a tiny text-conditioned UNet2DConditionModel (cross-attention to 5 context tokens of width 24,
+# GEGLU feed-forward) wrapped as lowbit.zoo.sd_text's model(x, t)
+TINY_TEXT_UNET = dict(sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(16, 32),
+                      down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+                      up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=24,
+                      attention_head_dim=2, norm_num_groups=4)
+
+
+def make_text_unet(seed: int = 0, device: str | None = None):
+    from diffusers import UNet2DConditionModel
+
+    from lowbit.zoo.sd_text import TextConditioned
+
+    with torch.device(device or "cpu"), torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return TextConditioned(UNet2DConditionModel(**TINY_TEXT_UNET), torch.randn(5, 24)).eval()
+
+
+def text_unet_inputs(n: int, seed: int = 0) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    g = torch.Generator().manual_seed(seed)
+    return [(torch.randn(3, 4, 8, 8, generator=g), torch.randint(0, 1000, (3,), generator=g)) for _ in range(n)]

@@ -138,17 +138,17 @@ def _evaluate_folder(args: argparse.Namespace, proto) -> None:
 
 
 def _cmd_bench(args: argparse.Namespace) -> None:
-    from .bench.run import bench
+    from .bench.run import BUILTIN_MODELS, bench
 
     if args.steps <= 0 or args.repeats <= 0 or (args.batch is not None and args.batch <= 0):
         raise EvaluationError("--steps, --repeats and --batch must be positive")
     cmd = "lowbit bench " + " ".join(sys.argv[2:]) if len(sys.argv) > 2 else "lowbit bench"
     if args.device is not None:
         return _cmd_bench_device(args, cmd.strip())
-    folders = [m for m in args.models if m not in ("bundled", "sdlike", "dit")]
+    folders = [m for m in args.models if m not in BUILTIN_MODELS]
     for m in folders:  # a typo fails here, in one line, not after minutes of benchmarking
         if not Path(m).is_dir():
-            raise EvaluationError(f"unknown benchmark model {m!r}: use bundled, sdlike, dit, or a local"
+            raise EvaluationError(f"unknown benchmark model {m!r}: use {', '.join(BUILTIN_MODELS)}, or a local"
                                   " diffusers UNet2DModel folder")
     out = args.out
     if folders and out == "docs/performance.md":  # docs/performance.md is the bundled models' report
@@ -277,7 +277,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(fn=_cmd_sample)
     s = sub.add_parser("bench", help="sampling speed, memory and accuracy of FP32/BF16, lowbit recipes and peers")
     s.add_argument("--models", nargs="+", default=["bundled", "sdlike"], metavar="MODEL",
-                   help="bundled, sdlike (default: both), dit (a DiT-S-like transformer), or a local diffusers"
+                   help="bundled, sdlike (default: both), dit (a DiT-S-like transformer), sdtext (an SD-1.x-like"
+                        " text-conditioned UNet2DConditionModel), or a local diffusers"
                         " UNet2DModel/pipeline folder (its"
                         " report goes to runs/performance-<folder>.md unless --out says otherwise)")
     s.add_argument("--recipes", nargs="+", default=["w8a8", "w4a8", "fp8"], choices=list(RECIPES),

@@ -68,7 +68,19 @@ def test_attention_shapes_are_read_off_a_forward_pass():
     x, t = unet_inputs(1, batch=3)[0]
     attn = [m for m in unet.modules() if hasattr(m, "get_attention_scores")]
     assert len(attn) == 4 and {m.heads for m in attn} == {2}
-    assert attention_shapes(unet, (x, t)) == [(3 * 2, 4 * 4, 8, 4)]
+    assert attention_shapes(unet, (x, t)) == [(3 * 2, 4 * 4, 4 * 4, 8, 4)]
+
+
+def test_cross_attention_shapes_have_the_prompt_as_keys():
+    """A text-conditioned UNet's cross-attention reads its 5 context tokens as keys, its
+    self-attention the image tokens: 3 transformer blocks at 8×8 (2 heads of 8), the mid block's
+    at 4×4 (2 heads of 16), batch 3."""
+    from conftest import make_text_unet, text_unet_inputs
+
+    from lowbit.bench.attention import attention_shapes
+
+    x, t = text_unet_inputs(1)[0]
+    assert sorted(attention_shapes(make_text_unet(), (x, t))) == [(6, 16, 5, 16, 1), (6, 16, 16, 16, 1), (6, 64, 5, 8, 3), (6, 64, 64, 8, 3)]
 
 
 def test_bench_model_runs_end_to_end_and_removes_its_checkpoints(tmp_path, monkeypatch):

@@ -15,7 +15,8 @@ diffusers = pytest.importorskip("diffusers")
 if not onednn.available():
     pytest.skip("this PyTorch build/CPU has no oneDNN int8 conv/linear operators", allow_module_level=True)
 
-from lowbit.kernels.fuse_gelu import GeluCodesKernel, GeluFeedForward, fuse_gelu_feed_forwards, unfuse_gelu_feed_forwards  # noqa: E402
+from lowbit.kernels.fuse_gelu import (GegluFeedForward, GeluCodesKernel, GeluFeedForward, GeluOutKernel,  # noqa: E402
+                                      HalvesKernel, fuse_gelu_feed_forwards, unfuse_gelu_feed_forwards)
 from lowbit.kernels.onednn import Int8LinearKernel  # noqa: E402
 
 
@@ -102,3 +103,50 @@ def test_not_fused_where_the_epilogue_cannot_quantize_like_the_next_layer():
     set_compute(q, "int8")
     assert fuse_gelu_feed_forwards(q) == 0
     assert not any(isinstance(m, GeluFeedForward) for m in q.modules())
+
+
+@pytest.mark.parametrize("out_dtype", [torch.float32, torch.bfloat16])
+def test_geglu_halves_compute_the_whole_layer_and_the_gate_gets_gelu(out_dtype):
+    g = torch.Generator().manual_seed(1)
+    proj = _linear(2 * 48, 64, g, "uint8", 0.05, 128.0)
+    proj.out_dtype = out_dtype
+    halves = HalvesKernel(proj.rows(0, 48), proj.rows(48, 96))
+    x = (torch.randn(300, 64, generator=g) * 3).to(out_dtype)
+    whole = proj(x)
+    got = halves(x)
+    assert got.dtype == out_dtype and got.shape == whole.shape
+    # the same integers, scales and bias per column: equal up to the epilogue's rounding
+    assert (got.float() - whole.float()).abs().max() <= 1e-6 * whole.float().abs().max()
+    # the independent reference: exact integer GEMM, float epilogue, erf-GELU
+    codes = proj.act(x)
+    acc = (codes.double() - proj.act.zero) @ proj.weight_int8().double().t()
+    y = (acc * proj.act.scale * proj.w_scale.double() + proj.bias.double()).float()
+    gated = GeluOutKernel(halves.gate).run(codes)
+    want = F.gelu(y[:, 48:])
+    assert gated.dtype == out_dtype
+    assert (gated.float() - want).abs().max() <= 1e-5 + (8e-3 if out_dtype == torch.bfloat16 else 1e-5) * want.abs().max()
+
+
+def test_text_unet_geglu_feed_forwards_fuse_keep_their_names_and_unfuse():
+    from conftest import make_text_unet, text_unet_inputs
+
+    q = lowbit.quantize(make_text_unet(), "w8a8", text_unet_inputs(2, 1), progress=False)
+    names = [n for n, _ in q.named_parameters()] + [n for n, _ in q.named_buffers()]
+    x = text_unet_inputs(1, 2)[0]
+    with torch.no_grad():
+        emulated = q(*x).sample
+        set_compute(q, "int8")
+        ffs = [m for m in q.modules() if isinstance(m, GegluFeedForward)]
+        assert len(ffs) == 4  # one per transformer block: down, mid, two up
+        assert [n for n, _ in q.named_parameters()] + [n for n, _ in q.named_buffers()] == names
+        assert {r.path for r in lowbit.report(q) if ".ff." in r.name} == {"native int8 (oneDNN)"}
+        fused = q(*x).sample
+        unfuse_gelu_feed_forwards(q)  # layer by layer; GEGLU's first Linear on its two halves
+        assert isinstance(ffs[0].net[0].proj.kernel, HalvesKernel)
+        layer_by_layer = q(*x).sample
+        assert fuse_gelu_feed_forwards(q) == 4  # the halves are reused, not split again
+        assert _sqnr(layer_by_layer, fused) > 30  # GELU of the float32 epilogue vs of the layer's output
+        assert _sqnr(emulated, fused) > 25
+        set_compute(q, "emulated")
+        assert not any(isinstance(m, GegluFeedForward) for m in q.modules())
+        assert torch.equal(q(*x).sample, emulated)

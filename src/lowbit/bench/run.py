@@ -37,7 +37,7 @@ from .attention import attention_table
 from .memory import measure
 from .variants import Variant, build_variants, default_workdir
 
-__all__ = ["MODELS", "ModelSpec", "bench"]
+__all__ = ["BUILTIN_MODELS", "MODELS", "ModelSpec", "bench"]
 
 
 @dataclass(frozen=True)
@@ -79,6 +79,15 @@ def _dit() -> ModelSpec:
                      " 12 blocks; class label i mod 1000 for sample i)")
 
 
+def _sdtext() -> ModelSpec:
+    from ..zoo.sd_text import SD_TEXT_SCHEDULER_CONFIG, build_sd_text
+
+    return ModelSpec(build_sd_text, build_sd_text, SD_TEXT_SCHEDULER_CONFIG, (4, 32, 32), 4,
+                     "SD-1.x-like text-conditioned UNet (diffusers UNet2DConditionModel, 142M params, random weights"
+                     " and prompt states, 4×32×32 latents, channels 128/256/512/512, cross-attention to 77×768"
+                     " text states, GEGLU feed-forward)", large_size=None)
+
+
 def _folder(path: str) -> ModelSpec:
     """A user's diffusers ``UNet2DModel`` (or DDPM pipeline) folder (:mod:`lowbit.zoo.local`):
     its own weights and noise schedule, batch 4 unless ``--batch`` says otherwise."""
@@ -100,7 +109,7 @@ class _Models(dict):
     """Model name -> ModelSpec, built lazily (importing diffusers models is not free). A name
     that is a folder on disk is a user's diffusers UNet2DModel (:func:`_folder`)."""
 
-    _makers = {"bundled": _bundled, "sdlike": _sdlike, "dit": _dit}
+    _makers = {"bundled": _bundled, "sdlike": _sdlike, "dit": _dit, "sdtext": _sdtext}
 
     def __missing__(self, key: str) -> ModelSpec:
         if key in self._makers:
@@ -114,6 +123,7 @@ class _Models(dict):
 
 
 MODELS = _Models()
+BUILTIN_MODELS = tuple(_Models._makers)  # the names ``lowbit bench --models`` takes besides folders
 
 
 class _Fn(nn.Module):

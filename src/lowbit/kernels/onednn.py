@@ -328,6 +328,21 @@ class Int8LinearKernel:
         fused.packed_for, fused.kid = None, register(fused)
         return fused
 
+    def rows(self, start: int, stop: int) -> "Int8LinearKernel":
+        """A kernel for output columns ``[start, stop)`` only (weight rows, scales and bias of
+        those columns; the same input quantizer and output dtype): each column is computed as
+        before. The inverse of :meth:`concat`."""
+        part = type(self).__new__(type(self))
+        part.out_dtype, part.act, part.in_features = self.out_dtype, self.act, self.in_features
+        part.out_features = stop - start
+        part.w_scale = self.w_scale[start:stop].clone()
+        part.w_zero = torch.zeros(part.out_features, dtype=torch.int64)
+        part.bias = None if self.bias is None else self.bias[start:stop].clone()
+        part.packed = self.weight_int8()[start:stop].clone()
+        part.split = vnni.needs_split(part.packed, part.act.max_code)
+        part.packed_for, part.kid = None, register(part)
+        return part
+
     @staticmethod
     def can_concat(kernels: "list[Int8LinearKernel]") -> bool:
         """True if :meth:`concat` applies: same input width, quantizer and output dtype."""
