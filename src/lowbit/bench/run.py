@@ -1,7 +1,8 @@
 """``lowbit bench``: end-to-end sampling speed, memory and accuracy of every variant, in one run.
 
 For each model (the bundled Fashion-MNIST UNet and a random SD-like UNet with 128/256/512
-channels by default; on request a random DiT-S-like transformer, ``dit``) the benchmark
+channels by default; on request a random DiT-S-like transformer, ``dit``, and a random
+SD-1.x-like text-conditioned UNet, ``sdtext``) the benchmark
 
 1. records calibration inputs along the FP32 model's DDIM trajectory;
 2. builds the variants (:mod:`.variants`): FP32, BF16, FP32 + ``torch.compile``, each lowbit
