@@ -180,7 +180,9 @@ def _fusable(ff: nn.Module) -> tuple[Int8LinearKernel, Int8LinearKernel, str] | 
     return k1, k2, gelu.approximate
 
 
-def _geglu_fusable(ff: nn.Module) -> tuple[HalvesKernel, Int8LinearKernel] | None:
+def _geglu_halves(ff: nn.Module) -> tuple[HalvesKernel, Int8LinearKernel] | None:
+    # for a GEGLU FeedForward whose Linears run oneDNN int8 kernels: its first layer's kernel as
+    # two halves (installed on the layer, replacing the whole), and the second layer's kernel
     net = list(getattr(ff, "net", []))
     if type(ff).__name__ != "FeedForward" or len(net) not in (3, 4) or type(net[0]).__name__ != "GEGLU":
         return None
@@ -217,7 +219,7 @@ def fuse_gelu_feed_forwards(model: nn.Module) -> int:
             _replace(model, name, GeluFeedForward(ff, GeluCodesKernel(k1, k2.act, approximate), k2))
             fused += 1
             continue
-        geglu = _geglu_fusable(ff) if name else None
+        geglu = _geglu_halves(ff) if name else None
         if geglu is not None:
             _replace(model, name, GegluFeedForward(ff, *geglu))
             fused += 1
