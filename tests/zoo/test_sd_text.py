@@ -6,6 +6,7 @@ import pytest
 import torch
 from conftest import make_text_unet as tiny_model
 from conftest import text_unet_inputs as inputs
+from diffusers import UNet2DConditionModel
 from diffusers.models.activations import GEGLU
 
 import lowbit
@@ -83,3 +84,25 @@ def test_tiny_text_unet_loads_onto_native_kernels(tmp_path, recipe):
             want = emulated.get_submodule(name)(inp)
             floor = 40 if name in geglu else 100  # GEGLU: a code at a rounding boundary may move by one
             assert sqnr_db(want, got) > floor, name  # the same integers: float epilogue rounding only
+
+
+def test_a_bare_text_unet_calibrates_from_three_part_inputs(tmp_path):
+    """Without the wrapper: calibration tuples (x_t, t, encoder_hidden_states) are the UNet's own
+    positional inputs; the checkpoint reloads onto a meta-built model with the prompt's
+    cross-attention K/V projections calibrated (and native where oneDNN is)."""
+    unet = tiny_model().unet
+    g = torch.Generator().manual_seed(0)
+    calib = [(torch.randn(2, 4, 8, 8, generator=g), torch.tensor([500, 300]), torch.randn(2, 5, 24, generator=g))
+             for _ in range(2)]
+    q = lowbit.quantize(unet, "w8a8", calib, progress=False)
+    k_quant = q.get_submodule("down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_k").input_quant
+    assert k_quant.calibrated
+    path = lowbit.save(q, tmp_path / "bare.safetensors")
+    with torch.device("meta"):
+        fresh = UNet2DConditionModel.from_config(unet.config)
+    native = lowbit.load(path, fresh)
+    x, t, c = calib[0]
+    with torch.no_grad():
+        out = native(x, t, c).sample
+    assert out.shape == x.shape and torch.isfinite(out).all()
+    assert sqnr_db(q(x, t, c).sample, out) > 25
