@@ -83,10 +83,11 @@ def _dit() -> ModelSpec:
 def _sdtext() -> ModelSpec:
     from ..zoo.sd_text import SD_TEXT_SCHEDULER_CONFIG, build_sd_text
 
+    # no large-latent memory run: the sdlike model's 128×128 run already covers attention memory
     return ModelSpec(build_sd_text, build_sd_text, SD_TEXT_SCHEDULER_CONFIG, (4, 32, 32), 4,
                      "SD-1.x-like text-conditioned UNet (diffusers UNet2DConditionModel, 142M params, random weights"
                      " and prompt states, 4×32×32 latents, channels 128/256/512/512, cross-attention to 77×768"
-                     " text states, GEGLU feed-forward)", large_size=None)
+                     " text states, GEGLU feed-forward)")
 
 
 def _folder(path: str) -> ModelSpec:
