@@ -61,6 +61,13 @@ def _gelu_gemm(k: Int8LinearKernel, codes: torch.Tensor, out_scale: float, out_z
                                                out_scale, out_zero, out_dtype, "gelu", [], algorithm)
 
 
+def _layer_by_layer(net: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    # a FeedForward's own forward: what the fused blocks run in training mode
+    for m in net:
+        x = m(x)
+    return x
+
+
 class GeluCodesKernel:
     """``fc1``'s oneDNN GEMM with GELU and the next layer's input quantization in its epilogue:
     ``[M, K]`` uint8 codes in, ``[M, N]`` uint8 codes (for the quantizer ``next_act``) out. It shares
@@ -96,9 +103,7 @@ class GeluFeedForward(nn.Module):
 
     def forward(self, hidden_states: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         if self.training:  # dropout active: the layers one by one
-            for m in self.net:
-                hidden_states = m(hidden_states)
-            return hidden_states
+            return _layer_by_layer(self.net, hidden_states)
         k1 = self.gelu_codes.fc1
         lead = hidden_states.shape[:-1]
         codes = run_op(k1.act(hidden_states.reshape(-1, k1.in_features)), self.gelu_codes.kid, False)
@@ -146,9 +151,7 @@ class GegluFeedForward(nn.Module):
 
     def forward(self, hidden_states: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         if self.training:
-            for m in self.net:
-                hidden_states = m(hidden_states)
-            return hidden_states
+            return _layer_by_layer(self.net, hidden_states)
         v = self.value
         lead = hidden_states.shape[:-1]
         codes = v.act(hidden_states.reshape(-1, v.in_features))
