@@ -342,5 +342,5 @@ def load(path: "str | Path", model: nn.Module | None = None, *, compute: str = "
     plan = _json(meta, "plan")
     model.lowbit_plan = Plan.from_dict(plan) if plan else None
     if streaming:
-        finish_compute(model, dtype)  # the model-wide part: bf16 float tensors if asked
+        finish_compute(model, dtype, compute)  # the model-wide part: bf16 float tensors if asked
     return model.eval()

@@ -220,8 +220,15 @@ class QuantAttnProcessor(QuantModule):
     def __init__(self, spec: LayerSpec, device=None) -> None:
         super().__init__()
         self.spec = spec
+        # lowbit.kernels.int8_attention.Int8AttentionKernel, installed by set_compute; None = emulated
+        self.kernel = None
         for n in ("q_quant", "k_quant", "p_quant", "v_quant"):
             setattr(self, n, _act_quantizer(spec, device))
+
+    @property
+    def compute_path(self) -> str:  # type: ignore[override]
+        """``'emulated'`` or the installed kernel's path (``'native int8 (_int_mm) ...'``)."""
+        return "emulated" if self.kernel is None else self.kernel.path
 
     def _qkv_is_current(self, attn: nn.Module) -> bool:
         # the fused kernel stands for the projections' own kernels only while they are its slices:
@@ -242,6 +249,7 @@ class QuantAttnProcessor(QuantModule):
         if attn.spatial_norm is not None:
             hidden_states = attn.spatial_norm(hidden_states, temb)
         input_ndim = hidden_states.ndim
+        b = c = h = w = None
         if input_ndim == 4:
             b, c, h, w = hidden_states.shape
             hidden_states = hidden_states.view(b, c, h * w).transpose(1, 2)
@@ -259,9 +267,14 @@ class QuantAttnProcessor(QuantModule):
                 encoder_hidden_states = attn.norm_encoder_hidden_states(encoder_hidden_states)
             key = attn.to_k(encoder_hidden_states)
             value = attn.to_v(encoder_hidden_states)
-        query = self.q_quant(attn.head_to_batch_dim(query))
-        key = self.k_quant(attn.head_to_batch_dim(key))
-        value = self.v_quant(attn.head_to_batch_dim(value))
+        query, key, value = (attn.head_to_batch_dim(x) for x in (query, key, value))
+        kernel = self.kernel
+        if kernel is not None and kernel.applies(query.shape[1], key.shape[1], query.shape[2]):
+            # the two matmuls on int8 codes (lowbit.kernels.int8_attention), in blocks of query rows
+            hidden_states = attn.batch_to_head_dim(kernel(attn, query, key, value, attention_mask,
+                                                          self.block_elements))
+            return self._finish(attn, hidden_states, residual, input_ndim, b, c, h, w)
+        query, key, value = self.q_quant(query), self.k_quant(key), self.v_quant(value)
         # in blocks of heads or query rows (lowbit._attention) to bound memory; while calibrating
         # too if the probabilities' observer keeps only min/max (the same range block by block),
         # not if it samples the values (percentile/MSE must see the whole tensor at once)
@@ -269,6 +282,12 @@ class QuantAttnProcessor(QuantModule):
         budget = self.block_elements if obs is None or getattr(obs, "kind", None) == "minmax" else math.inf
         hidden_states = attn.batch_to_head_dim(attention_core(attn, query, key, value, attention_mask,
                                                               self.p_quant, budget))
+        return self._finish(attn, hidden_states, residual, input_ndim, b, c, h, w)
+
+    @staticmethod
+    def _finish(attn: nn.Module, hidden_states: torch.Tensor, residual: torch.Tensor, input_ndim: int,
+                b, c, h, w) -> torch.Tensor:
+        # the output projection, layout and residual after the attention core (diffusers' order)
         hidden_states = attn.to_out[1](attn.to_out[0](hidden_states))
         if input_ndim == 4:
             hidden_states = hidden_states.transpose(-1, -2).reshape(b, c, h, w)

@@ -60,7 +60,8 @@ def test_tiny_text_unet_loads_onto_native_kernels(tmp_path, recipe):
     emulated = lowbit.load(path, tiny_model(device="meta"), compute="emulated")
     native = lowbit.load(path, tiny_model(device="meta"))
     assert torch.equal(native.context, tiny_model().context)
-    layers = {n: m for n, m in lowbit.nn.quant_layers(native) if getattr(m, "kernel", None) is not None}
+    layers = {n: m for n, m in lowbit.nn.quant_layers(native)  # the weight layers (not attention cores)
+              if getattr(m, "kernel", None) is not None and hasattr(m, "weight_shape")}
     geglu = {n: m for n, m in native.named_modules() if isinstance(m, GegluFeedForward)}
     seen: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
     hooks = [m.register_forward_hook(lambda mod, a, o, n=n: seen.__setitem__(n, (a[0], o)))

@@ -5,7 +5,9 @@
 * :mod:`.onednn` — W8A8 Conv2d and Linear on CPU via oneDNN's integer primitives;
 * :mod:`.int_mm` — W8A8 Linear via ``torch._int_mm`` (CUDA), with the exact integer reference;
 * :mod:`.scaled_mm` — FP8 E4M3 Linear via ``torch._scaled_mm`` (CUDA with FP8 tensor cores);
-* :mod:`.bf16` — minifloat (FP8/FP6/FP4) and weight-only layers computed in bf16 on exact values.
+* :mod:`.bf16` — minifloat (FP8/FP6/FP4) and weight-only layers computed in bf16 on exact values;
+* :mod:`.int8_attention` — the attention matmuls (Q·Kᵀ, P·V) on int8 codes via ``torch._int_mm``
+  (CPU), where they pay.
 """
 
 from .int_mm import (

@@ -17,6 +17,10 @@ A quantized layer can run four ways; its report row says which one it runs:
 ``emulated``     dequantize, then float32 (:mod:`lowbit.nn`): everything else — group-wise scales,
                  formats with more than 8 significant bits, and tiny layers.
 
+Attention matmuls (a QuantAttnProcessor's Q·Kᵀ and P·V) run on int8 codes where
+:mod:`.int8_attention` says they pay (``auto``: eager CPU models from 1,024 tokens; ``"int8"``:
+always) and emulated otherwise; the processor's ``compute_path`` says which.
+
 ``path="auto"`` picks the first that applies, per layer, from the formats, the device and the
 layer's shape; ``"int8"``, ``"bf16"`` or ``"emulated"`` forces a path wherever it applies (layers
 it cannot run stay emulated, and say so). Kernels snapshot the layer's codes and scales: call
@@ -32,6 +36,7 @@ from torch import nn
 
 from ..errors import PlanError
 from . import onednn
+from .int8_attention import Int8AttentionKernel, attention_int8_ok
 from .bf16 import Bf16Kernel, cpu_bf16_available, exact_in_bf16
 from .fuse import fuse_attention_projections, unfuse_attention_projections
 from .fuse_gelu import fuse_gelu_feed_forwards, unfuse_gelu_feed_forwards
@@ -40,7 +45,7 @@ from .int_mm import IntMMLinearKernel
 from .int_mm_conv import IntMMConv2dKernel
 from .scaled_mm import Fp8LinearKernel, fp8_available, is_e4m3fn
 
-__all__ = ["PATHS", "choose_path", "set_compute"]
+__all__ = ["PATHS", "choose_path", "install_attention_kernels", "set_compute"]
 
 PATHS = ("auto", "int8", "fp8", "bf16", "emulated")
 
@@ -209,7 +214,7 @@ def set_compute(model: nn.Module, path: str = "auto", *, release_codes: bool = F
         raise PlanError(f"{released[0]!r} (and {len(released) - 1} more) released its codes for inference; load"
                         " the checkpoint again with the compute path you want")
     chosen = {name: install_kernel(layer, path, dtype, release_codes) for name, layer in layers}
-    finish_compute(model, dtype)
+    finish_compute(model, dtype, path)
     return chosen
 
 
@@ -223,14 +228,34 @@ def install_kernel(layer, path: str, dtype: torch.dtype, release_codes: bool) ->
     return layer.compute_path
 
 
-def finish_compute(model: nn.Module, dtype: torch.dtype) -> None:
-    """The model-wide part of :func:`set_compute` after every layer is installed: the float
+def install_attention_kernels(model: nn.Module, path: str = "auto") -> int:
+    """Give every QuantAttnProcessor of ``model`` the int8 attention kernel
+    (:mod:`.attention`) where ``path`` (``"auto"``: from :data:`~.attention.MIN_TOKENS` tokens;
+    ``"int8"``: every shape) and its quantizers allow it, else the emulated core; returns how
+    many got one."""
+    from ..nn import QuantAttnProcessor
+
+    if path not in PATHS:
+        raise PlanError(f"unknown compute path {path!r}: use one of {', '.join(PATHS)}")
+    n = 0
+    for m in model.modules():
+        if isinstance(m, QuantAttnProcessor):
+            ok = path in ("auto", "int8") and attention_int8_ok(m, m.q_quant.scale.device)
+            m.kernel = Int8AttentionKernel(m, forced=path == "int8") if ok else None
+            n += ok
+    return n
+
+
+def finish_compute(model: nn.Module, dtype: torch.dtype, path: str = "auto") -> None:
+    """The model-wide part of :func:`set_compute` after every layer is installed: the attention
+    matmuls' kernels for ``path`` (:func:`install_attention_kernels`), the float
     tensors in ``dtype``, and (where a layer runs a CPU kernel, whose compiled outputs are NHWC)
     GroupNorm in the form inductor vectorises on NHWC tensors (:mod:`.groupnorm`), one
     fused Q/K/V kernel per self-attention block whose projections allow it (:mod:`.fuse`), and
     GELU feed-forward blocks as two int8 GEMMs with GELU in the first's epilogue (:mod:`.fuse_gelu`)."""
     from ..nn import QuantWeightLayer
 
+    install_attention_kernels(model, path)
     for m in model.modules():
         if type(m).__name__ == "QuantEmbedding":
             m.out_dtype = dtype  # its rows join the float work between the layers
