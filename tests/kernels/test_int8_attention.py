@@ -168,3 +168,14 @@ def test_codes_shift_the_quantizers_uint8_codes_by_128():
     c = _Codes(proc.q_quant)
     assert torch.equal(_codes(x, c.params).long() + 128, proc.q_quant.encode(x).long())
     assert c.offset == 128 - int(proc.q_quant.zero)
+
+
+def test_load_installs_the_requested_attention_path(tmp_path):
+    import lowbit
+
+    q = quantize(make_text_unet(), "w8a8", text_unet_inputs(2, seed=1), progress=False)
+    path = lowbit.save(q, tmp_path / "w8a8.safetensors")
+    for compute, want in (("int8", "native int8 (_int_mm)"), ("emulated", "emulated")):
+        m = lowbit.load(path, make_text_unet(device="meta"), compute=compute)
+        paths = {p.compute_path for _, p in quant_layers(m) if isinstance(p, QuantAttnProcessor)}
+        assert paths == {want}, compute
