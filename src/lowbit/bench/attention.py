@@ -10,6 +10,9 @@ The quantization of the operands is left out of every column (the emulated path 
 int8 pads the tokens to a multiple of 8 (``_int_mm``'s constraint).
 
 ``lowbit bench`` appends the table to its report; ``python -m lowbit.bench.attention`` prints it.
+The bare matmuls are not the whole story: :mod:`lowbit.kernels.int8_attention`, the int8 core,
+also quantizes its operands and runs the softmax in blocks, and whole cores compare differently
+(``docs/performance-notes.md``; ``scripts/attention-speed.py`` times whole models).
 """
 
 from __future__ import annotations

@@ -308,7 +308,9 @@ def markdown(results: list[dict], command: str, threads: int) -> str:
         out += _large_table(res)
         if res.get("attention"):
             out += ["Attention matmuls (QKᵀ + PV) at this model's shapes, operands already quantized"
-                    " (`lowbit.bench.attention`): a native int8 path would only pay where its column beats bf16.",
+                    " (`lowbit.bench.attention`): the bare matmuls. The int8 attention kernel"
+                    " (`lowbit.kernels.int8_attention`) also quantizes and runs the softmax, in blocks; whole cores"
+                    " are timed by `scripts/attention-speed.py`.",
                     ""] + res["attention"] + [""]
     return "\n".join(out) + "\n"
 
