@@ -86,10 +86,6 @@ def build_variants(float_model: Callable[[], nn.Module], meta_model: Callable[[]
                 fresh = meta_model()
             loaded = load(path, fresh, dtype=dtype)  # compute="auto": native kernels, codes released
             paths = dict(Counter(m.compute_path for _, m in quant_layers(loaded) if hasattr(m, "weight_shape")))
-            # attention matmuls only where a kernel runs them (emulated cores are the default)
-            attn = Counter(f"attention {m.compute_path}" for _, m in quant_layers(loaded)
-                           if not hasattr(m, "weight_shape") and m.compute_path != "emulated")
-            paths.update(attn)
             tag = "fp32" if dtype == torch.float32 else "bf16"
             name = f"lowbit {r}" + (" (fp32 act.)" if tag == "fp32" else "")
             out.append(Variant(name, _eps(loaded, dtype), size, paths, time.perf_counter() - tb, checkpoint=path,
