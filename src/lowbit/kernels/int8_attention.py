@@ -16,8 +16,9 @@ the integer GEMM plus rank-1 corrections, all int32 (no overflow below 33,000 ke
 dimensions: ``255² · 33,000 < 2³¹``). The scores are then ``s_q·s_k·attn.scale · S (+ mask)``
 in float32, the softmax float32, P's codes the same arithmetic as its quantizer, and the output
 ``s_p·s_v · O``. Against the emulated float32 path a probability can land on the neighbouring
-code where float32 rounding of the scores crosses a rounding boundary (tested: rare, ±1); the
-integer path is the exact one.
+code where float32 rounding of the scores crosses a rounding boundary (tested: every output
+within two P steps of a float64 reference built from the quantizers' codes); the integer
+products themselves are exact.
 
 Where it pays (measured on a Zen 4 core, one thread, bf16 operands, against the emulated core,
 both in blocks of at most 256K scores; ``docs/performance-notes.md``): in eager models 1.13× at
@@ -119,8 +120,9 @@ def _output(o: torch.Tensor, row: torch.Tensor | None, col: torch.Tensor, scale:
 
 # Kernels by id for the operator below. The int8 core is one opaque operator inside a compiled
 # model: traced, its per-head, per-block loop unrolled into a graph that took inductor 670 s to
-# compile for the text-conditioned benchmark UNet (150 s without it) and ran slower (677 against
-# 549 ms per step, one probe). Opaque, it runs the eager code with the compiled helpers.
+# compile for the text-conditioned benchmark UNet (the emulated model, compiled before it in the
+# same process: 152 s) and ran slower (677 against 549 ms per step, one probe). Opaque, it runs
+# the eager code with the compiled helpers.
 _REGISTRY: "weakref.WeakValueDictionary[int, Int8AttentionKernel]" = weakref.WeakValueDictionary()
 _IDS = itertools.count()
 
