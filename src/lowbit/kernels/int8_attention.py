@@ -39,13 +39,11 @@ probes oneDNN; CUDA runs the emulated core.
 from __future__ import annotations
 
 import functools
-import itertools
-import weakref
 
 import torch
 
 from .._compiled import run_compiled, use_compiled_helpers
-from .onednn import _ActCodes
+from .onednn import _REGISTRY, _ActCodes, register
 
 __all__ = ["MIN_TOKENS", "Int8AttentionKernel", "attention_int8_ok", "int_mm_exact"]
 
@@ -118,14 +116,11 @@ def _output(o: torch.Tensor, row: torch.Tensor | None, col: torch.Tensor, scale:
     return (o.float() * scale).to(dtype)
 
 
-# Kernels by id for the operator below. The int8 core is one opaque operator inside a compiled
-# model: traced, its per-head, per-block loop unrolled into a graph that took inductor 670 s to
+# The kernels are found by id, in the registry lowbit.kernels.onednn's operator uses. The int8
+# core is one opaque operator inside a compiled model: traced, its per-head, per-block loop unrolled into a graph that took inductor 670 s to
 # compile for the text-conditioned benchmark UNet (the emulated model, compiled before it in the
 # same process: 152 s) and ran slower (677 against 549 ms per step, one probe). Opaque, it runs
 # the eager code with the compiled helpers.
-_REGISTRY: "weakref.WeakValueDictionary[int, Int8AttentionKernel]" = weakref.WeakValueDictionary()
-_IDS = itertools.count()
-
 torch.library.define("lowbit::int8_attention",
                      "(Tensor query, Tensor key, Tensor value, Tensor? mask, int kid, float scale, float budget)"
                      " -> Tensor")
@@ -150,8 +145,7 @@ class Int8AttentionKernel:
         self.forced = forced
         self.q, self.k, self.p, self.v = (_Codes(x) for x in (proc.q_quant, proc.k_quant, proc.p_quant, proc.v_quant))
         self.path = "native int8 (_int_mm)" if forced else f"native int8 (_int_mm) from {MIN_TOKENS} tokens, eager"
-        self.kid = next(_IDS)
-        _REGISTRY[self.kid] = self
+        self.kid = register(self)
 
     def applies(self, queries: int, keys: int, head_dim: int) -> bool:
         """Whether a call with these sizes runs here (else the processor's emulated core)."""

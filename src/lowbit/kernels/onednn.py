@@ -51,7 +51,8 @@ _IDS = itertools.count()
 
 def register(kernel) -> int:
     """Enter ``kernel`` (an object with ``run(x, nhwc)`` and ``fake(x, nhwc)``) in the registry
-    of :func:`run_op`; returns its id."""
+    of :func:`run_op`; returns its id. (:mod:`.int8_attention`'s operator keeps its kernels here
+    too: one id space.)"""
     kid = next(_IDS)
     _REGISTRY[kid] = kernel
     return kid
