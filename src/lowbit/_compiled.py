@@ -11,6 +11,10 @@ scale and bounds are tensor inputs, not constants).
 tests check both). They are never used inside a graph that is itself being compiled: there the
 whole graph is fused anyway. A compilation failure (no C++ compiler) switches them off for the
 process and the caller falls back to eager.
+
+Before lowbit compiles anything it pins inductor's vector width (:func:`pin_vector_width`): on a
+CPU-only machine inductor's on-disk graph cache is not keyed on the vector ISA it generated code
+for, and a cached graph built for another width is run as is — wrong values or heap corruption.
 """
 
 from __future__ import annotations
@@ -23,7 +27,33 @@ import torch
 
 from ._chunked import map_chunked
 
-__all__ = ["disable_compiled_helpers", "input_key", "run_compiled", "use_compiled_helpers"]
+__all__ = ["disable_compiled_helpers", "input_key", "pin_vector_width", "run_compiled", "use_compiled_helpers"]
+
+
+@functools.lru_cache(maxsize=1)
+def pin_vector_width() -> int | None:
+    """Set ``torch._inductor.config.cpp.simdlen`` to the width inductor would pick anyway (512 on
+    AVX-512, 256 on AVX2), unless the user set it; returns the width in force.
+
+    Why: on a machine without a GPU, inductor's FX graph cache key carries no CPU description
+    (torch 2.13, ``CacheBase.get_system``), so a graph compiled for 16-lane AVX-512 loops is
+    reused where the picked ISA is 8-lane AVX2 (``ATEN_CPU_CAPABILITY=avx2``, or a cache directory
+    shared between machines) and the reverse. Measured on a Zen 4 CPU with one cache directory:
+    lowbit's per-tensor quantizer, compiled under ``ATEN_CPU_CAPABILITY=avx2`` after a default
+    run, gave wrong values in every shape tried (the bundled W8A8 model's images came out NaN),
+    and a default run after an AVX2 one aborted in ``malloc``. The width is part of inductor's
+    config, which *is* in the key, so pinning it keeps the two apart. The generated code does not
+    change: it is the width inductor picks when ``simdlen`` is unset."""
+    try:
+        import torch._inductor.config as inductor_config
+        from torch._inductor.cpu_vec_isa import pick_vec_isa
+    except ImportError:  # a PyTorch build without inductor: nothing is compiled
+        return None
+    if inductor_config.cpp.simdlen is None:
+        width = pick_vec_isa().bit_width()
+        if width:  # 0: no vector ISA, inductor emits scalar code whatever the key
+            inductor_config.cpp.simdlen = width
+    return inductor_config.cpp.simdlen
 
 
 def use_compiled_helpers() -> bool:
@@ -46,6 +76,7 @@ def input_key(x: torch.Tensor) -> tuple:
 
 @functools.lru_cache(maxsize=None)
 def _compiled(fn: Callable, key: tuple) -> Callable:
+    pin_vector_width()
     return torch.compile(fn, dynamic=True)
 
 

@@ -30,6 +30,8 @@ import torch
 import torch._dynamo
 from torch import nn
 
+from ._compiled import pin_vector_width
+
 __all__ = ["GuardSkipping", "call_key", "skipping_available"]
 
 
@@ -81,6 +83,7 @@ class GuardSkipping:
     :func:`call_key` it has seen (module docstring). ``fn``: a module or function."""
 
     def __init__(self, fn: Callable, **compile_kwargs: Any) -> None:
+        pin_vector_width()  # keeps inductor's cache apart per vector ISA (lowbit._compiled)
         self.compiled = torch.compile(fn, **compile_kwargs)
         self.module = fn if isinstance(fn, nn.Module) else None
         self.seen: set = set()
